@@ -1,0 +1,199 @@
+"""Middleware that keeps the API path free of thread hops, plus the request id and body limit.
+
+Under ASGI, Django's MiddlewareMixin runs every process_* hook through
+sync_to_async(thread_sensitive=True), i.e. a thread hop per hook per request. The
+subclasses here keep the Django classes (so the admin's system checks still see them) but:
+  * InlineHooksMixin: hooks that do no I/O (security headers, common, x-frame, CSRF's
+    token check, Prometheus counters) run inline on the event loop;
+  * PagesOnlyMixin: session, auth and messages (which may touch the database) run as
+    Django runs them, but only for pages; API paths (settings.API_PATH_PREFIXES) authenticate
+    by API key and skip them entirely.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any, Callable
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
+from django.contrib.auth import middleware as auth_middleware
+from django.contrib.messages import middleware as messages_middleware
+from django.contrib.sessions import middleware as sessions_middleware
+from django.middleware import clickjacking, common, csrf, security
+from django_prometheus import middleware as prometheus_middleware
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def is_api_path(path: str) -> bool:
+    return path.startswith(settings.API_PATH_PREFIXES)
+
+
+def _inline_async(hook: Callable) -> Callable:
+    async def run(*args: Any) -> Any:
+        return hook(*args)
+
+    return run
+
+
+class InlineHooksMixin:
+    """Run this middleware's hooks inline in async mode: they must not do blocking I/O."""
+
+    def __init__(self, get_response: Callable) -> None:
+        super().__init__(get_response)  # type: ignore[call-arg]
+        if self.async_mode:  # type: ignore[attr-defined]
+            for name in ("process_view", "process_exception", "process_template_response"):
+                hook = getattr(self, name, None)
+                if hook is not None:
+                    setattr(self, name, _inline_async(hook))
+
+    async def __acall__(self, request: Any) -> Any:
+        response = None
+        if hasattr(self, "process_request"):
+            response = self.process_request(request)
+        response = response or await self.get_response(request)  # type: ignore[attr-defined]
+        if hasattr(self, "process_response"):
+            response = self.process_response(request, response)
+        return response
+
+
+class PagesOnlyMixin:
+    """Skip this middleware for API paths; run it as Django does for pages."""
+
+    async def __acall__(self, request: Any) -> Any:
+        if is_api_path(request.path):
+            return await self.get_response(request)  # type: ignore[attr-defined]
+        return await super().__acall__(request)  # type: ignore[misc]
+
+
+class PrometheusBeforeMiddleware(InlineHooksMixin, prometheus_middleware.PrometheusBeforeMiddleware):
+    pass
+
+
+class PrometheusAfterMiddleware(InlineHooksMixin, prometheus_middleware.PrometheusAfterMiddleware):
+    pass
+
+
+class SecurityMiddleware(InlineHooksMixin, security.SecurityMiddleware):
+    pass
+
+
+class CommonMiddleware(InlineHooksMixin, common.CommonMiddleware):
+    pass
+
+
+class CsrfViewMiddleware(InlineHooksMixin, csrf.CsrfViewMiddleware):
+    pass
+
+
+class XFrameOptionsMiddleware(InlineHooksMixin, clickjacking.XFrameOptionsMiddleware):
+    pass
+
+
+class SessionMiddleware(PagesOnlyMixin, sessions_middleware.SessionMiddleware):
+    pass
+
+
+class AuthenticationMiddleware(PagesOnlyMixin, auth_middleware.AuthenticationMiddleware):
+    pass
+
+
+class MessageMiddleware(PagesOnlyMixin, messages_middleware.MessageMiddleware):
+    pass
+
+
+class RequestIdMiddleware:
+    """Give each request an id (the caller's X-Request-ID when well-formed) and echo it back."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+
+    @staticmethod
+    def _assign(request: Any) -> str:
+        supplied = request.headers.get("X-Request-ID", "")
+        request_id = supplied if _REQUEST_ID_RE.match(supplied) else f"req_{uuid.uuid4().hex}"
+        request.request_id = request_id
+        return request_id
+
+    def __call__(self, request: Any) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        request_id = self._assign(request)
+        response = self.get_response(request)
+        response["X-Request-ID"] = request_id
+        return response
+
+    async def __acall__(self, request: Any) -> Any:
+        request_id = self._assign(request)
+        response = await self.get_response(request)
+        response["X-Request-ID"] = request_id
+        return response
+
+
+class BodySizeLimitASGI:
+    """ASGI wrapper: refuse bodies over MAX_REQUEST_BYTES with 413 before Django reads them.
+
+    Django's ASGI handler spools the whole body before any view runs; checking here means an
+    oversized upload costs us its first chunk, not its full size.
+    """
+
+    def __init__(self, app: Callable, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    return await self._reply(send, 400, "invalid_request", "Malformed Content-Length header.")
+                if too_big:
+                    return await self._reply(send, 413, "request_too_large", self._message())
+                break
+        received = 0
+        limit = self.max_bytes
+        over = False
+
+        async def limited_receive() -> dict:
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    over = True
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await self._reply(send, 413, "request_too_large", self._message())
+
+    def _message(self) -> str:
+        return f"The request body is larger than the limit of {self.max_bytes} bytes."
+
+    @staticmethod
+    async def _reply(send: Callable, status: int, code: str, message: str) -> None:
+        import json
+
+        body = json.dumps(
+            {"error": {"type": "invalid_request_error", "code": code, "message": message, "request_id": None}}
+        ).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    pass

@@ -1,0 +1,289 @@
+"""Settings for Agent Platform.
+
+Every knob is read here, from the environment, through django-environ; nothing else
+reads os.environ. Defaults are the embedded mode (SQLite, in-memory channel layer,
+local-memory cache, eager Celery) so a fresh clone runs with nothing configured.
+Setting DATABASE_URL / REDIS_URL switches to the production stack.
+Malformed values fail here, at startup.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+if env.bool("READ_DOT_ENV", default=False):
+    environ.Env.read_env(BASE_DIR / ".env")
+
+INSECURE_DEFAULT_SECRET = "insecure-dev-only-secret-key-change-me"
+
+DEBUG = env.bool("DEBUG", default=False)
+SECRET_KEY = env.str("SECRET_KEY", default="")
+if not SECRET_KEY or SECRET_KEY == INSECURE_DEFAULT_SECRET:
+    if not DEBUG and not env.bool("ALLOW_INSECURE_SECRET_KEY", default=False):
+        raise ImproperlyConfigured(
+            "SECRET_KEY is missing or is the insecure default. Set SECRET_KEY to a long random "
+            "value (python -c 'import secrets; print(secrets.token_urlsafe(50))'), or run with "
+            "DEBUG=true for local development."
+        )
+    SECRET_KEY = SECRET_KEY or INSECURE_DEFAULT_SECRET
+
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+# Behind a TLS-terminating load balancer set this so request.is_secure() is right.
+if env.bool("SECURE_PROXY_SSL_HEADER", default=False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=False)
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.postgres",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "django_prometheus",
+    "channels",
+    "agentplatform",
+    "governance",
+    "agents",
+    "billing",
+]
+
+# Every middleware here is async-capable without a thread hop on the API paths: Django's
+# MiddlewareMixin runs each hook through sync_to_async under ASGI, which funnels every API
+# request through a thread several times. The wrappers in agentplatform.middleware run the
+# cheap hooks inline and skip the page-only ones (sessions, CSRF, auth, messages) for
+# API_PATH_PREFIXES, whose callers authenticate with API keys, never cookies.
+MIDDLEWARE = [
+    "agentplatform.middleware.PrometheusBeforeMiddleware",
+    "agentplatform.middleware.RequestIdMiddleware",
+    "agentplatform.middleware.SecurityMiddleware",
+    "agentplatform.middleware.SessionMiddleware",
+    "agentplatform.middleware.CommonMiddleware",
+    "agentplatform.middleware.CsrfViewMiddleware",
+    "agentplatform.middleware.AuthenticationMiddleware",
+    "agentplatform.middleware.MessageMiddleware",
+    "agentplatform.middleware.XFrameOptionsMiddleware",
+    "agentplatform.middleware.PrometheusAfterMiddleware",
+]
+API_PATH_PREFIXES = ("/api/", "/v1/", "/health", "/metrics")
+
+ROOT_URLCONF = "agentplatform.urls"
+ASGI_APPLICATION = "agentplatform.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------
+# Unset: SQLite in var/ (WAL, so readers never wait for the writer). Set: PostgreSQL via
+# psycopg 3 with its connection pool. Under ASGI every request runs its sync ORM work in a
+# thread of its own, so Django's CONN_MAX_AGE would strand a connection per thread; the
+# pool keeps connections persistent across requests instead.
+VAR_DIR = Path(env.str("VAR_DIR", default=str(BASE_DIR / "var")))
+DATABASE_URL = env.str("DATABASE_URL", default="")
+if DATABASE_URL:
+    DATABASES = {"default": env.db_url_config(DATABASE_URL)}
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        DATABASES["default"]["CONN_MAX_AGE"] = 0
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            "min_size": env.int("DATABASE_POOL_MIN_SIZE", default=2),
+            "max_size": env.int("DATABASE_POOL_MAX_SIZE", default=20),
+            "timeout": env.float("DATABASE_POOL_TIMEOUT", default=10.0),
+        }
+else:
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": VAR_DIR / "db.sqlite3",
+            "OPTIONS": {
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000;",
+                "transaction_mode": "IMMEDIATE",
+            },
+        }
+    }
+DATABASES["default"]["TEST"] = {"NAME": env.str("TEST_DATABASE_NAME", default="") or None}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis: cache, channel layer, Celery broker -------------------------------------------
+REDIS_URL = env.str("REDIS_URL", default="")
+CACHE_URL = env.str("CACHE_URL", default=REDIS_URL)
+if CACHE_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": CACHE_URL,
+            "KEY_PREFIX": env.str("CACHE_KEY_PREFIX", default="ap"),
+            "OPTIONS": {
+                "CLIENT_CLASS": "django_redis.client.DefaultClient",
+                "SOCKET_CONNECT_TIMEOUT": 2,
+                "SOCKET_TIMEOUT": 2,
+            },
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "agentplatform"}}
+
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": env.str("CHANNEL_LAYER_PREFIX", default="ap")},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL or "memory://")
+CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default="") or None
+CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=CELERY_BROKER_URL == "memory://")
+CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BEAT_SCHEDULE: dict = {}
+
+# --- Static files and templates ---------------------------------------------------------
+STATIC_URL = "/static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+# Serve /static/ from the ASGI app itself (Django's ASGIStaticFilesHandler). Fine for the
+# embedded default and small deployments; behind a CDN or nginx set SERVE_STATIC=false.
+SERVE_STATIC = env.bool("SERVE_STATIC", default=True)
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+# --- Request limits ----------------------------------------------------------------------
+# Bodies larger than this are refused with 413 before any JSON is parsed.
+MAX_REQUEST_BYTES = env.int("MAX_REQUEST_BYTES", default=1_048_576)
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
+MAX_MESSAGE_CHARS = env.int("MAX_MESSAGE_CHARS", default=100_000)
+MAX_MESSAGES_PER_REQUEST = env.int("MAX_MESSAGES_PER_REQUEST", default=200)
+
+# --- Agents and providers -------------------------------------------------------------
+OPENAI_API_KEY = env.str("OPENAI_API_KEY", default="")
+OPENAI_BASE_URL = env.str("OPENAI_BASE_URL", default="") or None
+
+
+def _llm_providers() -> dict[str, dict]:
+    """Extra OpenAI-compatible providers: name -> base URL and the NAME of the env var with its key.
+
+    LLM_PROVIDERS is JSON: {"anthropic": {"base_url": "...", "api_key_env": "ANTHROPIC_API_KEY"}}.
+    The key itself is read here, from the environment, and never stored in the database.
+    """
+    providers = {
+        "anthropic": {"base_url": "https://api.anthropic.com/v1/", "api_key_env": "ANTHROPIC_API_KEY"},
+    }
+    raw = env.str("LLM_PROVIDERS", default="")
+    if raw:
+        try:
+            extra = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ImproperlyConfigured(f"LLM_PROVIDERS is not valid JSON: {exc}") from exc
+        if not isinstance(extra, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("base_url"), str) for v in extra.values()
+        ):
+            raise ImproperlyConfigured('LLM_PROVIDERS must map names to {"base_url": ..., "api_key_env": ...}')
+        providers.update(extra)
+    for name, conf in providers.items():
+        if name in ("openai", "local"):
+            raise ImproperlyConfigured(f"LLM_PROVIDERS may not redefine the built-in provider {name!r}")
+        key_env = conf.get("api_key_env") or ""
+        conf["api_key"] = env.str(key_env, default="") if key_env else ""
+    return providers
+
+
+LLM_PROVIDERS = _llm_providers()
+# Upper bound on model round trips in one run (each tool-call step is one).
+AGENT_MAX_STEPS = env.int("AGENT_MAX_STEPS", default=8)
+# How many earlier messages of a session are sent to the model.
+AGENT_HISTORY_LIMIT = env.int("AGENT_HISTORY_LIMIT", default=50)
+# How long resolved agents and API keys stay in the shared cache (saves invalidate at once).
+AGENT_CACHE_SECONDS = env.int("AGENT_CACHE_SECONDS", default=300)
+SSE_HEARTBEAT_SECONDS = env.float("SSE_HEARTBEAT_SECONDS", default=15.0)
+# The demo agents use the offline `local` model unless an OpenAI key is configured.
+DEMO_MODEL = env.str("DEMO_MODEL", default="openai/gpt-4o-mini" if OPENAI_API_KEY else "local/demo")
+
+# /metrics: served to callers presenting this bearer token, or an admin-role API key.
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+
+# --- REST framework and OpenAPI --------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["governance.authentication.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["governance.permissions.HasApiKey"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PAGINATION_CLASS": "agentplatform.pagination.Pagination",
+    "PAGE_SIZE": 50,
+    "EXCEPTION_HANDLER": "agentplatform.errors.drf_exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Agent Platform API",
+    "DESCRIPTION": "Agents, sessions and an OpenAI-compatible endpoint. Authenticate with `Authorization: Bearer <key>`.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+# --- Logging ------------------------------------------------------------------------------
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.request": {"level": "ERROR"},
+        "daphne": {"level": "WARNING"},
+        "httpx": {"level": "WARNING"},
+        "openai": {"level": "WARNING"},
+    },
+}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]

@@ -1,0 +1,9 @@
+from django.apps import AppConfig
+
+
+class AgentsConfig(AppConfig):
+    name = "agents"
+    verbose_name = "Agents"
+
+    def ready(self) -> None:
+        from . import signals  # noqa: F401  (cache invalidation on save)
