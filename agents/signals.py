@@ -1,0 +1,1 @@
+"""Cache invalidation on save (filled in below)."""
