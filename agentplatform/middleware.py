@@ -12,7 +12,9 @@ subclasses here keep the Django classes (so the admin's system checks still see 
 
 from __future__ import annotations
 
+import logging
 import re
+import types
 import uuid
 from typing import Any, Callable
 
@@ -24,15 +26,16 @@ from django.contrib.sessions import middleware as sessions_middleware
 from django.middleware import clickjacking, common, csrf, security
 from django_prometheus import middleware as prometheus_middleware
 
+logger = logging.getLogger("agentplatform.errors")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def is_api_path(path: str) -> bool:
-    return path.startswith(settings.API_PATH_PREFIXES)
+    return path.startswith(settings.API_PATH_PREFIXES) and not path.startswith(settings.API_PATHS_WITH_SESSION)
 
 
 def _inline_async(hook: Callable) -> Callable:
-    async def run(*args: Any) -> Any:
+    async def run(self: Any, *args: Any) -> Any:
         return hook(*args)
 
     return run
@@ -47,7 +50,8 @@ class InlineHooksMixin:
             for name in ("process_view", "process_exception", "process_template_response"):
                 hook = getattr(self, name, None)
                 if hook is not None:
-                    setattr(self, name, _inline_async(hook))
+                    # A bound method: Django names the middleware by hook.__self__ in errors.
+                    setattr(self, name, types.MethodType(_inline_async(hook), self))
 
     async def __acall__(self, request: Any) -> Any:
         response = None
@@ -102,6 +106,33 @@ class AuthenticationMiddleware(PagesOnlyMixin, auth_middleware.AuthenticationMid
 
 class MessageMiddleware(PagesOnlyMixin, messages_middleware.MessageMiddleware):
     pass
+
+
+class ApiErrorMiddleware:
+    """API paths answer an unexpected error with the JSON error shape, also with DEBUG on
+    (Django would render its HTML debug page). The error is logged with its traceback."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable) -> None:
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request: Any) -> Any:
+        return self.get_response(request)
+
+    def process_exception(self, request: Any, exception: Exception) -> Any:
+        if not is_api_path(request.path):
+            return None
+        from .errors import error_response, internal_error, platform_error_from
+
+        err = platform_error_from(exception)
+        if err is None:
+            logger.error("Unhandled error on %s %s", request.method, request.path, exc_info=exception)
+            err = internal_error()
+        return error_response(err, request)
 
 
 class RequestIdMiddleware:

@@ -81,8 +81,11 @@ MIDDLEWARE = [
     "agentplatform.middleware.MessageMiddleware",
     "agentplatform.middleware.XFrameOptionsMiddleware",
     "agentplatform.middleware.PrometheusAfterMiddleware",
+    "agentplatform.middleware.ApiErrorMiddleware",
 ]
 API_PATH_PREFIXES = ("/api/", "/v1/", "/health", "/metrics")
+# Under /api/ but read by staff in a browser: these keep sessions (the docs page, its schema).
+API_PATHS_WITH_SESSION = ("/api/docs", "/api/schema")
 
 ROOT_URLCONF = "agentplatform.urls"
 ASGI_APPLICATION = "agentplatform.asgi.application"
@@ -287,3 +290,7 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+
+# Pipeline stages around every chat turn (dotted paths; see agents/pipeline.py). Governance and
+# billing register theirs here.
+AGENT_PIPELINE_STAGES: list[str] = []

@@ -1,6 +1,41 @@
+"""Every HTTP route. The WebSocket routes are in asgi.py."""
+
 from django.contrib import admin
 from django.urls import path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.authentication import SessionAuthentication
+
+from agents import openai_views, views
+from governance.authentication import ApiKeyAuthentication
+
+from . import health
+from .docs import StaffOrApiKey
+
+# Importing the admin modules registers the console's pages.
+from . import admin as _site  # noqa: F401
+
+docs_auth = {"authentication_classes": [SessionAuthentication, ApiKeyAuthentication],
+             "permission_classes": [StaffOrApiKey]}
 
 urlpatterns = [
+    path("health", health.liveness, name="health"),
+    path("health/ready", health.readiness, name="health-ready"),
+    path("metrics", health.metrics, name="metrics"),
+    path("api/v1/agents", views.AgentListView.as_view(), name="agent-list"),
+    path("api/v1/agents/<str:name>", views.AgentDetailView.as_view(), name="agent-detail"),
+    path("api/v1/agents/<str:name>/health", views.AgentHealthView.as_view(), name="agent-health"),
+    path("api/v1/agents/<str:name>/chat", views.ChatView.as_view(), name="agent-chat"),
+    path("api/v1/sessions", views.SessionListView.as_view(), name="session-list"),
+    path("api/v1/sessions/<uuid:session_id>", views.SessionDetailView.as_view(), name="session-detail"),
+    path("v1/chat/completions", openai_views.ChatCompletionsView.as_view(), name="openai-chat-completions"),
+    path("v1/models", openai_views.ModelListView.as_view(), name="openai-models"),
+    path("v1/models/<str:name>", openai_views.ModelDetailView.as_view(), name="openai-model"),
+    path("api/schema/", SpectacularAPIView.as_view(**docs_auth), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema", **docs_auth), name="docs"),
     path("admin/", admin.site.urls),
 ]
+
+handler400 = "agentplatform.errors.handler400"
+handler403 = "agentplatform.errors.handler403"
+handler404 = "agentplatform.errors.handler404"
+handler500 = "agentplatform.errors.handler500"

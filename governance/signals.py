@@ -1,1 +1,29 @@
-"""Cache invalidation on save."""
+"""Drop cached key entries whenever a key or its allowed agents change, on every worker
+(the cache is shared: Redis in production)."""
+
+from __future__ import annotations
+
+from django.core.cache import cache
+from django.db.models.signals import m2m_changed, post_delete, post_save
+from django.dispatch import receiver
+
+from .models import ApiKey
+from .selectors import api_key_cache_key
+
+
+@receiver(post_save, sender=ApiKey)
+@receiver(post_delete, sender=ApiKey)
+def _forget_api_key(sender, instance: ApiKey, **kwargs) -> None:
+    cache.delete(api_key_cache_key(instance.prefix))
+
+
+@receiver(m2m_changed, sender=ApiKey.agents.through)
+def _forget_api_key_agents(sender, instance, action: str, reverse: bool, pk_set, **kwargs) -> None:
+    if not action.startswith("post_"):
+        return
+    if reverse:  # agent.api_keys.add(...): instance is the agent
+        prefixes = ApiKey.objects.filter(pk__in=pk_set or []).values_list("prefix", flat=True) if pk_set else \
+            instance.api_keys.values_list("prefix", flat=True)
+        cache.delete_many([api_key_cache_key(p) for p in prefixes])
+    else:
+        cache.delete(api_key_cache_key(instance.prefix))

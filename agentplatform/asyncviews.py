@@ -1,0 +1,78 @@
+"""Async API views that drf-spectacular still documents.
+
+DRF's APIView dispatch is sync: under ASGI it runs in a worker thread and every database or
+cache call funnels through Django's one sync thread. The chat path must not, so these views
+keep APIView as their class (drf-spectacular reads serializers and @extend_schema from it)
+but replace `as_view` with an async view: authentication, JSON parsing, validation and error
+rendering happen on the event loop, with the same JSON error shape as everywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from asgiref.sync import markcoroutinefunction
+from django.http import HttpRequest, HttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from rest_framework.views import APIView
+
+from .errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    MethodNotAllowed,
+    UnsupportedMediaType,
+    error_response,
+    internal_error,
+    platform_error_from,
+)
+
+logger = logging.getLogger("agentplatform.views")
+
+
+def parse_json_body(request: HttpRequest) -> dict:
+    """The request body as a JSON object; 415/400 errors that name the problem otherwise."""
+    content_type = request.content_type or ""
+    if content_type not in ("application/json", "") and not content_type.endswith("+json"):
+        raise UnsupportedMediaType(f"Send the body as application/json, not {content_type}.")
+    try:
+        data = json.loads(request.body or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"Malformed JSON body: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The JSON body must be an object.", code="invalid_json")
+    return data
+
+
+def require_principal(principal: Any) -> Any:
+    if principal is None:
+        raise AuthenticationFailed()
+    return principal
+
+
+class AsyncAPIView(APIView):
+    """Subclasses define `async def post(self, request, **kwargs)` etc. returning a response."""
+
+    @classmethod
+    def as_view(cls, **initkwargs):  # type: ignore[override]
+        async def view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            self = cls(**initkwargs)
+            self.request, self.args, self.kwargs = request, args, kwargs
+            handler = getattr(self, request.method.lower(), None) if request.method else None
+            try:
+                if handler is None or request.method.lower() not in self.http_method_names:
+                    raise MethodNotAllowed(f"Method {request.method} is not allowed here.")
+                return await handler(request, *args, **kwargs)
+            except Exception as exc:  # one JSON error shape, never a traceback
+                err = platform_error_from(exc)
+                if err is None:
+                    logger.exception("Unhandled error in %s", cls.__name__)
+                    err = internal_error()
+                return error_response(err, request)
+
+        view.cls = cls  # type: ignore[attr-defined]
+        view.initkwargs = initkwargs  # type: ignore[attr-defined]
+        markcoroutinefunction(view)
+        # API keys, never cookies, authenticate these views: CSRF does not apply.
+        return csrf_exempt(view)

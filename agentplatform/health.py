@@ -1,0 +1,110 @@
+"""Liveness, readiness and the guarded Prometheus endpoint.
+
+/health and /health/ready are open (load balancers and orchestrators probe them without
+credentials); /health touches nothing, /health/ready names each dependency's state but never
+a connection string or secret. /metrics needs METRICS_TOKEN or an admin-role API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+from .errors import AuthenticationFailed, PermissionDenied, error_response
+
+CHECK_TIMEOUT = 3.0
+
+
+async def liveness(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"status": "ok"})
+
+
+def _check_database() -> str:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+    return connection.vendor
+
+
+def _check_cache() -> str:
+    from django.core.cache import cache
+
+    key = f"health:{uuid.uuid4().hex}"
+    cache.set(key, "1", 10)
+    ok = cache.get(key) == "1"
+    cache.delete(key)
+    if not ok:
+        raise RuntimeError("value written was not read back")
+    return settings.CACHES["default"]["BACKEND"].rsplit(".", 1)[-1]
+
+
+async def _check_channel_layer() -> str:
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    if layer is None:
+        raise RuntimeError("no channel layer configured")
+    channel = await layer.new_channel()
+    await layer.send(channel, {"type": "health.check"})
+    message = await layer.receive(channel)
+    if message.get("type") != "health.check":
+        raise RuntimeError("message sent was not received")
+    return type(layer).__name__
+
+
+def _check_broker() -> str:
+    from .celery import app
+
+    if settings.CELERY_TASK_ALWAYS_EAGER:
+        return "eager (tasks run in the web process)"
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=CHECK_TIMEOUT)
+    return conn.transport_cls if isinstance(conn.transport_cls, str) else "connected"
+
+
+async def _run(name: str, check) -> tuple[str, dict]:
+    started = time.perf_counter()
+    try:
+        coro = check() if asyncio.iscoroutinefunction(check) else sync_to_async(check, thread_sensitive=False)()
+        detail = await asyncio.wait_for(coro, CHECK_TIMEOUT)
+        result = {"status": "ok", "detail": detail}
+    except Exception as exc:  # report, never raise: readiness must answer
+        message = str(exc).splitlines()[0][:200] if str(exc) else ""
+        result = {"status": "error", "detail": f"{type(exc).__name__}: {message}".rstrip(": ")}
+    result["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    return name, result
+
+
+async def readiness(request: HttpRequest) -> JsonResponse:
+    checks = dict(await asyncio.gather(
+        _run("database", _check_database), _run("cache", _check_cache),
+        _run("channel_layer", _check_channel_layer), _run("broker", _check_broker)))
+    ok = all(c["status"] == "ok" for c in checks.values())
+    return JsonResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
+
+
+async def metrics(request: HttpRequest) -> HttpResponse:
+    from governance.selectors import presented_key
+
+    from agents.pipeline import principal_and_agent
+
+    presented = presented_key(request.headers)
+    if presented is None:
+        return error_response(AuthenticationFailed(), request)
+    if not (settings.METRICS_TOKEN and hmac.compare_digest(presented.encode(), settings.METRICS_TOKEN.encode())):
+        principal, _ = await principal_and_agent(presented, None)
+        if principal is None:
+            return error_response(AuthenticationFailed(), request)
+        if not principal.is_admin:
+            return error_response(PermissionDenied("Metrics need an admin key or METRICS_TOKEN."), request)
+    from django_prometheus.exports import ExportToDjangoView
+
+    return await sync_to_async(ExportToDjangoView, thread_sensitive=False)(request)

@@ -1,0 +1,193 @@
+"""The OpenAI-compatible endpoint: any OpenAI client talks to an agent by using its name as
+`model` (base_url http://host/v1). The agent's system prompt, skills and model apply; its tool
+calls run here, so the client sees only the answer. Errors keep OpenAI's shape."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from django.conf import settings
+from django.http import JsonResponse, StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from agentplatform.asyncviews import AsyncAPIView, parse_json_body, require_principal
+from agentplatform.errors import NotFound, PlatformError
+
+from .pipeline import ChatTurn, authorize_agent, chat_complete, principal_and_agent
+from .streaming import with_heartbeats
+from governance.selectors import presented_key
+
+
+class OpenAIMessageSerializer(serializers.Serializer):
+    role = serializers.ChoiceField(choices=["system", "developer", "user", "assistant", "tool"])
+    content = serializers.JSONField(required=False, allow_null=True)
+    name = serializers.CharField(required=False, max_length=64)
+    tool_calls = serializers.ListField(child=serializers.DictField(), required=False)
+    tool_call_id = serializers.CharField(required=False, max_length=128)
+
+    def validate_content(self, value):
+        if value is None or isinstance(value, str):
+            text = value or ""
+        elif isinstance(value, list) and all(isinstance(p, dict) for p in value):
+            text = " ".join(str(p.get("text", "")) for p in value)
+        else:
+            raise serializers.ValidationError("A string or a list of content parts.")
+        if len(text) > settings.MAX_MESSAGE_CHARS:
+            raise serializers.ValidationError(f"Longer than {settings.MAX_MESSAGE_CHARS} characters.")
+        return value
+
+
+class StreamOptionsSerializer(serializers.Serializer):
+    include_usage = serializers.BooleanField(required=False, default=False)
+
+
+class ChatCompletionRequestSerializer(serializers.Serializer):
+    model = serializers.CharField(help_text="The agent's name.")
+    messages = OpenAIMessageSerializer(many=True)
+    stream = serializers.BooleanField(required=False, default=False)
+    stream_options = StreamOptionsSerializer(required=False, allow_null=True)
+    temperature = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=2)
+    max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    max_completion_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    user = serializers.CharField(required=False, max_length=256)
+    metadata = serializers.DictField(required=False)
+    # Accepted for compatibility and ignored: the agent's own skills and settings apply.
+    IGNORED = {"tools", "tool_choice", "top_p", "n", "presence_penalty", "frequency_penalty", "logit_bias",
+               "seed", "stop", "response_format", "parallel_tool_calls", "logprobs", "top_logprobs", "store",
+               "service_tier", "modalities", "reasoning_effort", "prediction", "audio", "functions",
+               "function_call", "web_search_options", "verbosity", "prompt_cache_key", "safety_identifier"}
+
+    def validate_messages(self, value: list) -> list:
+        if not value:
+            raise serializers.ValidationError("Give at least one message.")
+        if len(value) > settings.MAX_MESSAGES_PER_REQUEST:
+            raise serializers.ValidationError(f"At most {settings.MAX_MESSAGES_PER_REQUEST} messages.")
+        return value
+
+    def validate(self, attrs: dict) -> dict:
+        unknown = set(self.initial_data) - set(self.fields) - self.IGNORED
+        if unknown:
+            raise serializers.ValidationError({sorted(unknown)[0]: "Unknown field."})
+        return attrs
+
+
+def _message(m: dict) -> dict:
+    out = {"role": "system" if m["role"] == "developer" else m["role"], "content": m.get("content")}
+    for extra in ("name", "tool_calls", "tool_call_id"):
+        if m.get(extra):
+            out[extra] = m[extra]
+    return out
+
+
+def _completion_id(turn: ChatTurn) -> str:
+    return f"chatcmpl-{turn.run_id.hex}"
+
+
+class ChatCompletionsView(AsyncAPIView):
+    @extend_schema(
+        operation_id="openai_chat_completions",
+        request=ChatCompletionRequestSerializer,
+        responses={200: OpenApiTypes.OBJECT, 400: OpenApiResponse(description="Invalid body."),
+                   401: OpenApiResponse(description="Missing or invalid API key."),
+                   404: OpenApiResponse(description="No agent of that name (`model_not_found`).")},
+        description="OpenAI Chat Completions wire format; `model` is an agent's name. Streams with `stream: true` "
+                    "(`stream_options.include_usage` adds the final usage chunk).",
+    )
+    async def post(self, request):
+        body = parse_json_body(request)
+        name = body.get("model") if isinstance(body.get("model"), str) else None
+        principal, agent = await principal_and_agent(presented_key(request.headers), name)
+        require_principal(principal)
+        serializer = ChatCompletionRequestSerializer(data=body)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        try:
+            agent = authorize_agent(principal, agent, data["model"])
+        except NotFound:
+            raise NotFound(f"The model `{data['model']}` does not exist or you do not have access to it.",
+                           code="model_not_found", param="model") from None
+        max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
+        turn = ChatTurn(principal=principal, agent=agent, input_messages=[_message(m) for m in data["messages"]],
+                        transport="openai", stream=data["stream"], request_id=request.request_id,
+                        use_session=False, metadata=data.get("metadata") or {},
+                        temperature=data.get("temperature"),
+                        max_tokens=min(max_tokens, agent.max_tokens) if max_tokens else None)
+        await turn.prepare()
+        if not data["stream"]:
+            result = await chat_complete(turn)
+            return JsonResponse({
+                "id": _completion_id(turn), "object": "chat.completion", "created": int(time.time()),
+                "model": agent.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result["output"],
+                                                     "refusal": None},
+                             "finish_reason": turn.run.finish_reason or "stop", "logprobs": None}],
+                "usage": result["usage"],
+                "system_fingerprint": None,
+            })
+        include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+        response = StreamingHttpResponse(with_heartbeats(_openai_stream(turn, include_usage),
+                                                         settings.SSE_HEARTBEAT_SECONDS),
+                                         content_type="text/event-stream")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"
+        return response
+
+
+async def _openai_stream(turn: ChatTurn, include_usage: bool):
+    base = {"id": _completion_id(turn), "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": turn.agent.name, "system_fingerprint": None}
+    dumps = json.dumps
+
+    def chunk(delta: dict, finish_reason=None) -> bytes:
+        payload = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                        "logprobs": None}]}
+        return b"data: " + dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for event in turn.events():
+        kind = event["type"]
+        if kind == "delta":
+            yield chunk({"content": event["content"]})
+        elif kind == "done":
+            yield chunk({}, event.get("finish_reason") or "stop")
+            if include_usage:
+                payload = {**base, "choices": [], "usage": turn.run.usage.as_dict()}
+                yield b"data: " + dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+        elif kind == "error":
+            err = turn.run.error or PlatformError(event["message"], code=event["code"])
+            yield b"data: " + dumps({"error": err.as_dict(turn.request_id)}).encode() + b"\n\n"
+    yield b"data: [DONE]\n\n"
+
+
+def _model_payload(agent) -> dict:
+    return {"id": agent.name, "object": "model", "created": int(agent.created_at.timestamp()),
+            "owned_by": "agent-platform", "description": agent.description}
+
+
+class ModelListView(APIView):
+    pagination_class = None
+
+    @extend_schema(operation_id="openai_models_list", responses={200: OpenApiTypes.OBJECT})
+    def get(self, request: Request) -> Response:
+        from .views import visible_agents
+
+        return Response({"object": "list", "data": [_model_payload(a) for a in visible_agents(request.user)
+                                                    .order_by("name")]})
+
+
+class ModelDetailView(APIView):
+    @extend_schema(operation_id="openai_models_retrieve", responses={200: OpenApiTypes.OBJECT})
+    def get(self, request: Request, name: str) -> Response:
+        from .views import visible_agents
+
+        agent = visible_agents(request.user).filter(name=name).first()
+        if agent is None:
+            raise NotFound(f"The model `{name}` does not exist or you do not have access to it.",
+                           code="model_not_found", param="model")
+        return Response(_model_payload(agent))

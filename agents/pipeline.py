@@ -1,0 +1,257 @@
+"""The request pipeline: every transport (REST, SSE, OpenAI-compatible, WebSocket, tasks) runs a
+chat turn through here, so authorization, sessions, persistence and — as later issues add them —
+rate limits, idempotency, budgets, metering and audit apply to all of them alike.
+
+    turn = ChatTurn(...)
+    await turn.prepare()          # authorize, load the session history; raises PlatformError
+    async for event in turn.events():   # runtime events; persists the run when it ends
+        ...
+
+Stages (settings.AGENT_PIPELINE_STAGES, dotted paths to classes) hook in around the run:
+`async before(turn)` may raise a PlatformError to refuse the turn before the model is called;
+`async after(turn)` sees the finished (or failed, or cancelled) turn. The transcript and run
+are written in one transaction, in one thread hop, after the model has answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import AsyncIterator
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+from django.utils.module_loading import import_string
+
+from agentplatform.cache import cache_get_many
+from agentplatform.errors import NotFound
+from governance.principal import Principal
+from governance.selectors import api_key_cache_key, api_key_entry, principal_from_entry
+from governance.services import split_key
+
+from .models import Message, Run, Session
+from .runtime import AgentRun
+from .selectors import AgentSpec, agent_cache_key, agent_entry_from_db, agent_spec_from_entry, session_history
+
+logger = logging.getLogger("agents.pipeline")
+
+
+async def principal_and_agent(key: str | None, agent_name: str | None) -> tuple[Principal | None, AgentSpec | None]:
+    """Resolve the caller's key and the agent in one cache round trip (no query when warm)."""
+    prefix = split_key(key) if key else None
+    keys = []
+    if prefix:
+        keys.append(api_key_cache_key(prefix))
+    if agent_name:
+        keys.append(agent_cache_key(agent_name))
+    found = await cache_get_many(keys) if keys else {}
+    key_entry = found.get(api_key_cache_key(prefix)) if prefix else None
+    agent_entry = found.get(agent_cache_key(agent_name)) if agent_name else None
+    if (prefix and key_entry is None) or (agent_name and agent_entry is None):
+        key_entry, agent_entry = await sync_to_async(_load_entries)(prefix, key_entry, agent_name, agent_entry)
+    principal = principal_from_entry(key_entry, key) if key and prefix else None
+    return principal, agent_spec_from_entry(agent_entry)
+
+
+def _load_entries(prefix, key_entry, agent_name, agent_entry):
+    if prefix and key_entry is None:
+        key_entry = api_key_entry(prefix)
+    if agent_name and agent_entry is None:
+        agent_entry = agent_entry_from_db(agent_name)
+    return key_entry, agent_entry
+
+
+def authorize_agent(principal: Principal, agent: AgentSpec | None, name: str) -> AgentSpec:
+    """The agent, if it exists, is enabled and this key may call it; 404 otherwise (also when the
+    key may not see it: a client learns nothing about agents it is not given)."""
+    if agent is None or not agent.enabled or not principal.may_use_agent(agent.name):
+        raise NotFound(f"No agent named {name!r}.", code="agent_not_found", param="agent")
+    return agent
+
+
+@dataclass
+class ChatTurn:
+    principal: Principal | None
+    agent: AgentSpec
+    input_messages: list[dict]
+    transport: str
+    stream: bool
+    request_id: str | None = None
+    session_id: uuid.UUID | None = None
+    # REST, SSE and WebSocket turns continue a stored session; OpenAI-compatible calls bring
+    # their whole conversation and are stateless.
+    use_session: bool = True
+    metadata: dict = field(default_factory=dict)
+    user_id: int | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    # Set by the pipeline:
+    run_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    started_at: datetime | None = None
+    session_exists: bool = False
+    run: AgentRun | None = None
+    status: str = Run.Status.RUNNING
+    latency_ms: int = 0
+    _t0: float = 0.0
+
+    async def prepare(self) -> None:
+        self._t0 = time.perf_counter()
+        self.started_at = timezone.now()
+        history: list[dict] = []
+        if self.use_session:
+            if self.session_id is None:
+                self.session_id = uuid.uuid4()
+            else:
+                history = await sync_to_async(self._load_session)()
+        for stage in _stages():
+            await stage.before(self)
+        messages = [{"role": "system", "content": self.agent.system_prompt}] if self.agent.system_prompt else []
+        messages += history
+        messages += self.input_messages
+        self.run = AgentRun(agent=self.agent, messages=messages, stream=self.stream, request_id=self.request_id,
+                            temperature=self.temperature, max_tokens=self.max_tokens)
+
+    def _load_session(self) -> list[dict]:
+        session = Session.objects.filter(pk=self.session_id).first()
+        if session is None:
+            return []  # a client-chosen id: created with the run
+        owner_ok = (session.api_key_id == self.principal.key_id if self.principal else session.user_id == self.user_id)
+        if self.principal and self.principal.is_admin:
+            owner_ok = True
+        if session.agent_id != self.agent.id or not owner_ok:
+            raise NotFound("No such session for this agent.", code="session_not_found", param="session_id")
+        self.session_exists = True
+        return session_history(session=session, limit=settings.AGENT_HISTORY_LIMIT)
+
+    async def events(self) -> AsyncIterator[dict]:
+        assert self.run is not None, "prepare() first"
+        try:
+            async for event in self.run.events():
+                if event["type"] == "error":
+                    self.status = Run.Status.FAILED
+                yield event
+            if self.status == Run.Status.RUNNING:
+                self.status = Run.Status.SUCCEEDED
+        except BaseException:
+            # The consumer went away (client disconnect, cancel) or something broke: keep and
+            # meter what was produced all the same.
+            if self.status == Run.Status.RUNNING:
+                self.status = Run.Status.CANCELLED
+            raise
+        finally:
+            self.latency_ms = int((time.perf_counter() - self._t0) * 1000)
+            # Shielded: a cancelled request must not lose its run record halfway.
+            await asyncio.shield(self._finish())
+
+    async def _finish(self) -> None:
+        try:
+            await sync_to_async(self._persist)()
+        except Exception:
+            logger.exception("Could not store run %s", self.run_id)
+        for stage in _stages():
+            try:
+                await stage.after(self)
+            except Exception:
+                logger.exception("Pipeline stage %s failed after run %s", type(stage).__name__, self.run_id)
+
+    def _persist(self) -> None:
+        run = self.run
+        assert run is not None
+        now = timezone.now()
+        error = run.error
+        with transaction.atomic():
+            session = None
+            if self.use_session:
+                if self.session_exists:
+                    session = Session(pk=self.session_id)
+                    Session.objects.filter(pk=self.session_id).update(last_activity_at=now)
+                else:
+                    session, _ = Session.objects.get_or_create(
+                        pk=self.session_id,
+                        defaults={"agent_id": self.agent.id, "api_key_id": self.principal.key_id if self.principal else None,
+                                  "user_id": self.user_id, "title": _title(self.input_messages),
+                                  "metadata": self.metadata, "last_activity_at": now})
+            Run.objects.create(
+                id=self.run_id, agent_id=self.agent.id, session=session,
+                api_key_id=self.principal.key_id if self.principal else None,
+                status=self.status, transport=self.transport, model=run.model,
+                prompt_tokens=run.usage.prompt_tokens, completion_tokens=run.usage.completion_tokens,
+                total_tokens=run.usage.total_tokens, steps=run.steps, latency_ms=self.latency_ms,
+                error_code=error.code if error else "", error_message=error.message if error else "",
+                request_id=self.request_id or "", started_at=self.started_at, finished_at=now,
+                metadata={**({"client": self.metadata} if self.metadata else {}),
+                          "calls": [{"model": c.model, "prompt_tokens": c.usage.prompt_tokens,
+                                     "completion_tokens": c.usage.completion_tokens, "ok": c.ok,
+                                     "error": c.error_code, "latency_ms": c.latency_ms,
+                                     "estimated": not c.usage.reported} for c in run.calls]},
+            )
+            if session is not None:
+                rows = [Message(session=session, run_id=self.run_id, role=m["role"], content=_text(m.get("content")),
+                                created_at=self.started_at) for m in self.input_messages]
+                produced = list(run.produced)
+                partial = run.partial_output[len(run.output):] if self.status != Run.Status.SUCCEEDED else ""
+                if partial:
+                    produced.append({"role": "assistant", "content": partial})
+                for index, m in enumerate(produced):
+                    is_last = index == len(produced) - 1
+                    rows.append(Message(
+                        session=session, run_id=self.run_id, role=m["role"], content=m.get("content") or "",
+                        tool_calls=m.get("tool_calls") or [], tool_call_id=m.get("tool_call_id", ""),
+                        name=m.get("name", ""), created_at=now,
+                        prompt_tokens=run.usage.prompt_tokens if is_last else 0,
+                        completion_tokens=run.usage.completion_tokens if is_last else 0))
+                Message.objects.bulk_create(rows)
+
+    def result(self) -> dict:
+        run = self.run
+        assert run is not None
+        return {
+            "id": str(self.run_id),
+            "session_id": str(self.session_id) if self.session_id else None,
+            "agent": self.agent.name,
+            "model": run.model,
+            "output": run.output,
+            "tool_calls": run.tool_calls,
+            "usage": run.usage.as_dict(),
+            "latency_ms": self.latency_ms,
+        }
+
+
+def _text(content) -> str:
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content or ""
+
+
+def _title(messages: list[dict]) -> str:
+    for m in messages:
+        if m.get("role") == "user":
+            text = " ".join(_text(m.get("content")).split())
+            return text[:80] + ("…" if len(text) > 80 else "")
+    return ""
+
+
+_stage_cache: tuple[tuple[str, ...], list] | None = None
+
+
+def _stages() -> list:
+    global _stage_cache
+    paths = tuple(settings.AGENT_PIPELINE_STAGES)
+    if _stage_cache is None or _stage_cache[0] != paths:
+        _stage_cache = (paths, [import_string(p)() for p in paths])
+    return _stage_cache[1]
+
+
+async def chat_complete(turn: ChatTurn) -> dict:
+    """Run a prepared turn to the end; raise its error if the model failed."""
+    async for _ in turn.events():
+        pass
+    if turn.run.error is not None:
+        raise turn.run.error
+    return turn.result()

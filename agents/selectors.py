@@ -1,0 +1,119 @@
+"""Reads: agents as the runtime sees them (AgentSpec), resolved by name through the shared cache.
+
+An agent saved in the admin drops its cache entry (agents.signals), so the next request on
+any worker reads the new version: dynamic agents without a restart. Unknown names are cached
+as misses too (so a flood of bad names costs no queries); creating that agent drops the miss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db.models import Prefetch
+
+from .models import Agent, AgentSkill, Message, Session
+from .skills.base import SkillSpec
+
+_MISSING = {"missing": True}
+# Misses live shorter than hits: a name created by a migration or raw SQL shows up soon.
+MISS_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    id: int
+    name: str
+    description: str
+    model: str
+    system_prompt: str
+    temperature: float
+    max_tokens: int
+    fallback_models: tuple[str, ...]
+    timeout_seconds: int
+    enabled: bool
+    skills: tuple[SkillSpec, ...] = field(default=())
+    metadata: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "name": self.name, "description": self.description, "model": self.model,
+                "system_prompt": self.system_prompt, "temperature": self.temperature,
+                "max_tokens": self.max_tokens, "fallback_models": list(self.fallback_models),
+                "timeout_seconds": self.timeout_seconds, "enabled": self.enabled,
+                "skills": [s.as_dict() for s in self.skills], "metadata": self.metadata}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AgentSpec":
+        return cls(id=d["id"], name=d["name"], description=d["description"], model=d["model"],
+                   system_prompt=d["system_prompt"], temperature=d["temperature"], max_tokens=d["max_tokens"],
+                   fallback_models=tuple(d["fallback_models"]), timeout_seconds=d["timeout_seconds"],
+                   enabled=d["enabled"], skills=tuple(SkillSpec.from_dict(s) for s in d["skills"]),
+                   metadata=d.get("metadata") or {})
+
+
+def agent_cache_key(name: str) -> str:
+    return f"agent:{name}"
+
+
+def agent_spec_from_model(agent: Agent) -> AgentSpec:
+    links = agent.agent_skills.all()  # prefetched, ordered by position
+    skills = tuple(
+        SkillSpec(name=link.skill.name, description=link.skill.description, kind=link.skill.kind,
+                  parameters=link.skill.parameters, config=link.skill.config)
+        for link in links if link.skill.enabled
+    )
+    return AgentSpec(id=agent.pk, name=agent.name, description=agent.description, model=agent.model,
+                     system_prompt=agent.system_prompt, temperature=agent.temperature, max_tokens=agent.max_tokens,
+                     fallback_models=tuple(agent.fallback_models or ()), timeout_seconds=agent.timeout_seconds,
+                     enabled=agent.enabled, skills=skills, metadata=agent.metadata or {})
+
+
+def agents_with_skills():
+    return Agent.objects.prefetch_related(
+        Prefetch("agent_skills", queryset=AgentSkill.objects.select_related("skill").order_by("position", "id")))
+
+
+def agent_entry_from_db(name: str) -> dict:
+    """Load an agent and store its cache entry (a miss marker when there is none)."""
+    agent = agents_with_skills().filter(name=name).first()
+    if agent is None:
+        cache.set(agent_cache_key(name), _MISSING, MISS_SECONDS)
+        return _MISSING
+    entry = agent_spec_from_model(agent).as_dict()
+    cache.set(agent_cache_key(name), entry, settings.AGENT_CACHE_SECONDS)
+    return entry
+
+
+def agent_spec_from_entry(entry: dict | None) -> AgentSpec | None:
+    if not entry or entry.get("missing"):
+        return None
+    return AgentSpec.from_dict(entry)
+
+
+def agent_spec(name: str) -> AgentSpec | None:
+    """Sync lookup (views, commands): the cached spec or None when there is no such agent."""
+    entry = cache.get(agent_cache_key(name))
+    if entry is None:
+        entry = agent_entry_from_db(name)
+    return agent_spec_from_entry(entry)
+
+
+def session_history(*, session: Session, limit: int) -> list[dict]:
+    """The last `limit` messages of a session as Chat Completions messages, oldest first."""
+    rows = list(Message.objects.filter(session=session).order_by("-created_at", "-id")[:limit])
+    rows.reverse()
+    # Never start the history with tool results cut off from the assistant call they answer.
+    while rows and rows[0].role == Message.Role.TOOL:
+        rows.pop(0)
+    history: list[dict] = []
+    for row in rows:
+        if row.role == Message.Role.ASSISTANT and row.tool_calls:
+            history.append({"role": "assistant", "content": row.content or None, "tool_calls": [
+                {"id": tc["id"], "type": "function", "function": {"name": tc["name"], "arguments": tc["arguments"]}}
+                for tc in row.tool_calls]})
+        elif row.role == Message.Role.TOOL:
+            history.append({"role": "tool", "tool_call_id": row.tool_call_id, "name": row.name, "content": row.content})
+        else:
+            history.append({"role": row.role, "content": row.content})
+    return history

@@ -1,0 +1,29 @@
+"""Writes of the agents app outside the chat pipeline (which persists runs itself)."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import IntegrityError, transaction
+
+from agentplatform.errors import Conflict
+from governance.principal import Principal
+
+from .models import Session
+
+
+@transaction.atomic
+def session_create(*, agent_id: int, principal: Principal, session_id: uuid.UUID | None = None, title: str = "",
+                   metadata: dict | None = None) -> Session:
+    try:
+        with transaction.atomic():
+            return Session.objects.create(id=session_id or uuid.uuid4(), agent_id=agent_id,
+                                          api_key_id=principal.key_id, title=title, metadata=metadata or {})
+    except IntegrityError:
+        raise Conflict("A session with this id exists already.", code="session_exists", param="id") from None
+
+
+@transaction.atomic
+def session_delete(*, session: Session) -> None:
+    """Delete a session and its messages; its runs stay (they are the usage history)."""
+    session.delete()

@@ -1,0 +1,216 @@
+"""REST API of the agents app: agents, sessions, chat (JSON or SSE).
+
+The chat view is async end to end (AsyncAPIView); the listing views are plain DRF views —
+they are not the hot path and run the ORM as DRF does.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db.models import Count
+from django.http import JsonResponse, StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import generics, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from agentplatform.asyncviews import AsyncAPIView, parse_json_body, require_principal
+from agentplatform.errors import NotFound
+from governance.selectors import presented_key
+
+from . import services
+from .models import Agent, Session
+from .pipeline import ChatTurn, authorize_agent, chat_complete, principal_and_agent
+from .providers import provider_for
+from .providers.base import ProviderError
+from .selectors import agent_spec, agents_with_skills
+from .serializers import (
+    AgentDetailSerializer,
+    AgentSerializer,
+    ChatRequestSerializer,
+    ChatResponseSerializer,
+    SessionCreateSerializer,
+    SessionDetailSerializer,
+    SessionSerializer,
+)
+from .streaming import sse_event, with_heartbeats
+
+ERRORS = {
+    400: OpenApiResponse(description="Invalid body: `error.param` names the field."),
+    401: OpenApiResponse(description="Missing or invalid API key."),
+    404: OpenApiResponse(description="Unknown or disabled agent, or a session of someone else."),
+}
+
+
+def _agent_payload(agent, *, detail: bool = False) -> dict:
+    data = {
+        "name": agent.name, "description": agent.description, "model": agent.model,
+        "fallback_models": list(agent.fallback_models), "temperature": agent.temperature,
+        "max_tokens": agent.max_tokens, "timeout_seconds": agent.timeout_seconds,
+        "skills": [{"name": s.name, "description": s.description, "kind": s.kind, "parameters": s.parameters}
+                   for s in agent.skills],
+    }
+    if detail:
+        data["system_prompt"] = agent.system_prompt
+        data["metadata"] = agent.metadata
+    return data
+
+
+def visible_agents(principal):
+    queryset = agents_with_skills().filter(enabled=True)
+    if principal.agents is not None:
+        queryset = queryset.filter(name__in=principal.agents)
+    return queryset
+
+
+class AgentListView(generics.GenericAPIView):
+    """Agents the caller's key may use."""
+
+    serializer_class = AgentSerializer
+    queryset = Agent.objects.none()
+
+    @extend_schema(parameters=[OpenApiParameter("q", str, description="Filter by name or description.")],
+                   responses={200: AgentSerializer(many=True)})
+    def get(self, request: Request) -> Response:
+        from .selectors import agent_spec_from_model
+
+        queryset = visible_agents(request.user).order_by("name")
+        q = request.query_params.get("q")
+        if q:
+            from django.db.models import Q
+
+            queryset = queryset.filter(Q(name__icontains=q) | Q(description__icontains=q))
+        page = self.paginate_queryset(queryset)
+        return self.get_paginated_response([_agent_payload(agent_spec_from_model(a)) for a in page])
+
+
+def _visible_agent(request: Request, name: str):
+    return authorize_agent(request.user, agent_spec(name), name)
+
+
+class AgentDetailView(APIView):
+    @extend_schema(responses={200: AgentDetailSerializer, 404: ERRORS[404]})
+    def get(self, request: Request, name: str) -> Response:
+        return Response(_agent_payload(_visible_agent(request, name), detail=True))
+
+
+class AgentHealthView(APIView):
+    """Whether the agent can answer: its models' providers are configured and its skills enabled."""
+
+    @extend_schema(responses={200: OpenApiTypes.OBJECT, 404: ERRORS[404]})
+    def get(self, request: Request, name: str) -> Response:
+        agent = _visible_agent(request, name)
+        models = []
+        for model in (agent.model, *agent.fallback_models):
+            try:
+                provider, _ = provider_for(model)
+                configured = provider.name == "local" or bool(getattr(provider, "api_key", ""))
+                detail = "ok" if configured else f"the {provider.name} provider has no API key configured"
+            except ProviderError as exc:
+                configured, detail = False, exc.message
+            models.append({"model": model, "available": configured, "detail": detail})
+        primary_ok = models[0]["available"]
+        any_ok = any(m["available"] for m in models)
+        state = "ok" if primary_ok else ("degraded" if any_ok else "unavailable")
+        return Response({"agent": agent.name, "status": state, "models": models,
+                         "skills": [s.name for s in agent.skills]},
+                        status=status.HTTP_200_OK if any_ok else status.HTTP_503_SERVICE_UNAVAILABLE)
+
+
+class ChatView(AsyncAPIView):
+    """Send a message to an agent; JSON answer, or server-sent events with `"stream": true`."""
+
+    @extend_schema(
+        request=ChatRequestSerializer,
+        responses={200: ChatResponseSerializer, **ERRORS,
+                   502: OpenApiResponse(description="Every model of the agent failed."),
+                   504: OpenApiResponse(description="The model did not answer in time.")},
+        description="With `stream: true` the answer is `text/event-stream`: events `delta`, `tool_call`, "
+                    "`tool_result`, `usage`, then `done` (or `error`), each with a JSON `data:` line holding "
+                    "`type`; comment heartbeats every SSE_HEARTBEAT_SECONDS.",
+    )
+    async def post(self, request, name: str):
+        key = presented_key(request.headers)
+        principal, agent = await principal_and_agent(key, name)
+        require_principal(principal)
+        agent = authorize_agent(principal, agent, name)
+        serializer = ChatRequestSerializer(data=parse_json_body(request))
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        turn = ChatTurn(principal=principal, agent=agent, input_messages=data["input_messages"],
+                        transport="sse" if data["stream"] else "rest", stream=data["stream"],
+                        request_id=request.request_id, session_id=data.get("session_id"),
+                        metadata=data.get("metadata") or {})
+        await turn.prepare()
+        if not data["stream"]:
+            return JsonResponse(await chat_complete(turn))
+        return sse_response(turn)
+
+
+def sse_response(turn: ChatTurn) -> StreamingHttpResponse:
+    async def frames():
+        yield sse_event({"type": "start", "run_id": str(turn.run_id), "session_id": str(turn.session_id),
+                         "agent": turn.agent.name})
+        async for event in turn.events():
+            if event["type"] == "done":
+                event = {**event, **turn.result()}
+                event["type"] = "done"
+            yield sse_event(event)
+
+    response = StreamingHttpResponse(with_heartbeats(frames(), settings.SSE_HEARTBEAT_SECONDS),
+                                     content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
+    return response
+
+
+def _sessions_of(principal):
+    queryset = Session.objects.select_related("agent").annotate(message_count=Count("messages"))
+    if not principal.is_admin:
+        queryset = queryset.filter(api_key_id=principal.key_id)
+    return queryset
+
+
+class SessionListView(generics.GenericAPIView):
+    serializer_class = SessionSerializer
+    queryset = Session.objects.none()
+
+    @extend_schema(parameters=[OpenApiParameter("agent", str, description="Only this agent's sessions.")],
+                   responses={200: SessionSerializer(many=True)})
+    def get(self, request: Request) -> Response:
+        queryset = _sessions_of(request.user).order_by("-last_activity_at")
+        agent = request.query_params.get("agent")
+        if agent:
+            queryset = queryset.filter(agent__name=agent)
+        page = self.paginate_queryset(queryset)
+        return self.get_paginated_response(SessionSerializer(page, many=True).data)
+
+    @extend_schema(request=SessionCreateSerializer, responses={201: SessionSerializer, **ERRORS})
+    def post(self, request: Request) -> Response:
+        serializer = SessionCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        agent = _visible_agent(request, data["agent"])
+        session = services.session_create(agent_id=agent.id, principal=request.user, session_id=data.get("id"),
+                                          title=data["title"], metadata=data["metadata"])
+        session.message_count = 0
+        return Response(SessionSerializer(session).data, status=status.HTTP_201_CREATED)
+
+
+class SessionDetailView(APIView):
+    def _get(self, request: Request, session_id) -> Session:
+        session = _sessions_of(request.user).prefetch_related("messages").filter(pk=session_id).first()
+        if session is None:
+            raise NotFound("No such session.", code="session_not_found")
+        return session
+
+    @extend_schema(responses={200: SessionDetailSerializer, 404: ERRORS[404]})
+    def get(self, request: Request, session_id) -> Response:
+        return Response(SessionDetailSerializer(self._get(request, session_id)).data)
+
+    @extend_schema(responses={204: None, 404: ERRORS[404]})
+    def delete(self, request: Request, session_id) -> Response:
+        services.session_delete(session=self._get(request, session_id))
+        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,24 @@
+"""DRF authentication and permission by API key (sync views; the async chat views use
+agents.api_views' own async path over the same selectors)."""
+
+from __future__ import annotations
+
+from rest_framework.authentication import BaseAuthentication
+
+from agentplatform.errors import AuthenticationFailed
+
+from .selectors import presented_key, principal_for_key
+
+
+class ApiKeyAuthentication(BaseAuthentication):
+    def authenticate(self, request):
+        key = presented_key(request.headers)
+        if key is None:
+            return None
+        principal = principal_for_key(key)
+        if principal is None:
+            raise AuthenticationFailed("The API key is not valid, or it has been revoked or has expired.")
+        return principal, key
+
+    def authenticate_header(self, request) -> str:
+        return 'Bearer realm="api"'

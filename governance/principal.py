@@ -1,0 +1,25 @@
+"""The authenticated caller, as cached: plain data, no model instance, no query to use it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Principal:
+    key_id: int
+    prefix: str
+    name: str
+    role: str
+    # Names of the agents this key may call; None means all agents.
+    agents: frozenset[str] | None
+
+    # DRF treats request.user as authenticated when it says so.
+    is_authenticated = True
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def may_use_agent(self, agent_name: str) -> bool:
+        return self.agents is None or agent_name in self.agents

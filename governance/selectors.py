@@ -1,0 +1,82 @@
+"""Reads for authentication: a presented key → Principal, through the shared cache.
+
+Steady state costs one cache round trip and no database query. The cache entry holds the
+secret's hash (never the secret), so a wrong secret for a valid prefix is refused without a
+query; saves of a key, its agents or a revocation delete the entry (governance.signals).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from django.conf import settings
+from django.core.cache import cache
+
+from .models import ApiKey
+from .principal import Principal
+from .services import hash_secret, split_key
+
+_MISSING = {"missing": True}
+
+
+def api_key_cache_key(prefix: str) -> str:
+    return f"apikey:{prefix}"
+
+
+def _entry_from_db(prefix: str) -> dict:
+    api_key = ApiKey.objects.filter(prefix=prefix).prefetch_related("agents").first()
+    if api_key is None:
+        return _MISSING
+    return {
+        "id": api_key.pk,
+        "prefix": api_key.prefix,
+        "name": api_key.name,
+        "role": api_key.role,
+        "hash": api_key.secret_hash,
+        "agents": sorted(a.name for a in api_key.agents.all()) or None,
+        "active": api_key.enabled and api_key.revoked_at is None,
+        "expires": api_key.expires_at.timestamp() if api_key.expires_at else None,
+    }
+
+
+def api_key_entry(prefix: str) -> dict:
+    key = api_key_cache_key(prefix)
+    entry = cache.get(key)
+    if entry is None:
+        entry = _entry_from_db(prefix)
+        cache.set(key, entry, settings.AGENT_CACHE_SECONDS)
+    return entry
+
+
+def principal_from_entry(entry: dict | None, presented: str) -> Principal | None:
+    """Check a presented key against its cache entry; None when it does not authenticate."""
+    if not entry or entry.get("missing"):
+        return None
+    if not hmac.compare_digest(entry["hash"], hash_secret(presented)):
+        return None
+    if not entry["active"]:
+        return None
+    if entry["expires"] is not None and entry["expires"] <= time.time():
+        return None
+    agents = entry["agents"]
+    return Principal(key_id=entry["id"], prefix=entry["prefix"], name=entry["name"], role=entry["role"],
+                     agents=frozenset(agents) if agents is not None else None)
+
+
+def principal_for_key(presented: str) -> Principal | None:
+    prefix = split_key(presented)
+    if prefix is None:
+        return None
+    return principal_from_entry(api_key_entry(prefix), presented)
+
+
+def presented_key(headers) -> str | None:
+    """The key from `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
+    auth = headers.get("Authorization") or ""
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    value = headers.get("X-API-Key")
+    return value.strip() if value else None
