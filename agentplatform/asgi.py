@@ -1,14 +1,19 @@
 """ASGI entry point: HTTP through Django (plus static files when SERVE_STATIC), WebSockets
-through Channels. get_asgi_application() runs first so the app registry is ready before any
-consumer module imports models."""
+through Channels. Django is set up first (what get_asgi_application() does) so the app
+registry is ready before any consumer module imports models; PlatformASGIHandler is Django's
+handler minus a thread hop per request (see asgi_handler.py)."""
 
 import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentplatform.settings")
 
-from django.core.asgi import get_asgi_application  # noqa: E402
+import django  # noqa: E402
 
-django_asgi_app = get_asgi_application()
+django.setup(set_prefix=False)
+
+from .asgi_handler import PlatformASGIHandler  # noqa: E402
+
+django_asgi_app = PlatformASGIHandler()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402

@@ -128,6 +128,8 @@ else:
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": VAR_DIR / "db.sqlite3",
+            # Persistent: the chat path's database threads (agentplatform.db) keep theirs.
+            "CONN_MAX_AGE": None,
             "OPTIONS": {
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000;",
                 "transaction_mode": "IMMEDIATE",
@@ -136,6 +138,8 @@ else:
     }
 DATABASES["default"]["TEST"] = {"NAME": env.str("TEST_DATABASE_NAME", default="") or None}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# Threads that run the chat path's ORM work (agentplatform.db), each with its own connection.
+DB_THREADS = env.int("DB_THREADS", default=4)
 
 # --- Redis: cache, channel layer, Celery broker -------------------------------------------
 REDIS_URL = env.str("REDIS_URL", default="")

@@ -88,7 +88,7 @@ def changelist_link(model: type[models.Model], text: str, **filters: Any) -> str
     return format_html('<a href="{}?{}">{}</a>', url, urlencode(filters), text)
 
 
-def _set_enabled(request: HttpRequest, queryset: QuerySet, enabled: bool) -> int:
+def _set_enabled(queryset: QuerySet, enabled: bool) -> int:
     # One save per row, not queryset.update(): post_save signals invalidate the cached
     # agent/skill the runtime resolves, and a bulk update would leave stale entries behind.
     changed = 0
@@ -129,12 +129,12 @@ class SkillAdmin(PrettyJSONMixin, admin.ModelAdmin):
 
     @admin.action(description="Enable selected skills", permissions=["change"])
     def enable_selected(self, request: HttpRequest, queryset: QuerySet) -> None:
-        n = _set_enabled(request, queryset, True)
+        n = _set_enabled(queryset, True)
         self.message_user(request, f"Enabled {n} skill{pluralize(n)}.", messages.SUCCESS)
 
     @admin.action(description="Disable selected skills", permissions=["change"])
     def disable_selected(self, request: HttpRequest, queryset: QuerySet) -> None:
-        n = _set_enabled(request, queryset, False)
+        n = _set_enabled(queryset, False)
         self.message_user(request, f"Disabled {n} skill{pluralize(n)}.", messages.SUCCESS)
 
 
@@ -203,12 +203,12 @@ class AgentAdmin(PrettyJSONMixin, admin.ModelAdmin):
 
     @admin.action(description="Enable selected agents", permissions=["change"])
     def enable_selected(self, request: HttpRequest, queryset: QuerySet) -> None:
-        n = _set_enabled(request, queryset, True)
+        n = _set_enabled(queryset, True)
         self.message_user(request, f"Enabled {n} agent{pluralize(n)}.", messages.SUCCESS)
 
     @admin.action(description="Disable selected agents", permissions=["change"])
     def disable_selected(self, request: HttpRequest, queryset: QuerySet) -> None:
-        n = _set_enabled(request, queryset, False)
+        n = _set_enabled(queryset, False)
         self.message_user(request, f"Disabled {n} agent{pluralize(n)}.", messages.SUCCESS)
 
 

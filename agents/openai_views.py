@@ -17,7 +17,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from agentplatform.asyncviews import AsyncAPIView, parse_json_body, require_principal
-from agentplatform.errors import NotFound, PlatformError
+from agentplatform.errors import InvalidRequest, NotFound, PlatformError
 
 from .pipeline import ChatTurn, authorize_agent, chat_complete, principal_and_agent
 from .streaming import with_heartbeats
@@ -77,6 +77,85 @@ class ChatCompletionRequestSerializer(serializers.Serializer):
         return attrs
 
 
+_FIELDS = None
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+def _invalid(param: str, message: str) -> InvalidRequest:
+    return InvalidRequest(f"{param}: {message}", code="invalid_field", param=param)
+
+
+def validate_chat_completion(body: dict) -> dict:
+    """Validate a Chat Completions body: the rules of ChatCompletionRequestSerializer (which
+    documents them in the schema) without building a serializer per request on the hot path."""
+    global _FIELDS
+    if _FIELDS is None:
+        _FIELDS = set(ChatCompletionRequestSerializer().fields) | ChatCompletionRequestSerializer.IGNORED
+    unknown = set(body) - _FIELDS
+    if unknown:
+        raise _invalid(sorted(unknown)[0], "Unknown field.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _invalid("model", "This field is required (the agent's name)." if model is None else "Must be a string.")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("messages", "A non-empty list of messages is required.")
+    if len(messages) > settings.MAX_MESSAGES_PER_REQUEST:
+        raise _invalid("messages", f"At most {settings.MAX_MESSAGES_PER_REQUEST} messages.")
+    limit = settings.MAX_MESSAGE_CHARS
+    for index, m in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(m, dict):
+            raise _invalid(where, "Must be an object.")
+        if m.get("role") not in _ROLES:
+            raise _invalid(f"{where}.role", f"Must be one of {', '.join(sorted(_ROLES))}.")
+        content = m.get("content")
+        if content is None or isinstance(content, str):
+            text = content or ""
+        elif isinstance(content, list) and all(isinstance(p, dict) for p in content):
+            text = " ".join(str(p.get("text", "")) for p in content)
+        else:
+            raise _invalid(f"{where}.content", "A string or a list of content parts.")
+        if len(text) > limit:
+            raise _invalid(f"{where}.content", f"Longer than {limit} characters.")
+        if "tool_calls" in m and not (isinstance(m["tool_calls"], list)
+                                      and all(isinstance(t, dict) for t in m["tool_calls"])):
+            raise _invalid(f"{where}.tool_calls", "A list of tool calls.")
+        for name in ("name", "tool_call_id"):
+            if name in m and not isinstance(m[name], str):
+                raise _invalid(f"{where}.{name}", "Must be a string.")
+    data = {"model": model, "messages": messages}
+    for name in ("stream",):
+        value = body.get(name, False)
+        if not isinstance(value, bool):
+            raise _invalid(name, "Must be a boolean.")
+        data[name] = value
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+            raise _invalid("stream_options", "An object with a boolean include_usage.")
+        data["stream_options"] = options
+    temperature = body.get("temperature")
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+            raise _invalid("temperature", "A number from 0 to 2.")
+        data["temperature"] = float(temperature)
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _invalid(name, "A positive integer.")
+            data[name] = value
+    metadata = body.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise _invalid("metadata", "Must be an object.")
+        data["metadata"] = metadata
+    if "user" in body and not isinstance(body["user"], str):
+        raise _invalid("user", "Must be a string.")
+    return data
+
+
 def _message(m: dict) -> dict:
     out = {"role": "system" if m["role"] == "developer" else m["role"], "content": m.get("content")}
     for extra in ("name", "tool_calls", "tool_call_id"):
@@ -104,9 +183,7 @@ class ChatCompletionsView(AsyncAPIView):
         name = body.get("model") if isinstance(body.get("model"), str) else None
         principal, agent = await principal_and_agent(presented_key(request.headers), name)
         require_principal(principal)
-        serializer = ChatCompletionRequestSerializer(data=body)
-        serializer.is_valid(raise_exception=True)
-        data = serializer.validated_data
+        data = validate_chat_completion(body)
         try:
             agent = authorize_agent(principal, agent, data["model"])
         except NotFound:

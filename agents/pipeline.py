@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import AsyncIterator
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from agentplatform.cache import cache_get_many
+from agentplatform.db import run_db, write_db
 from agentplatform.errors import NotFound
 from governance.principal import Principal
 from governance.selectors import api_key_cache_key, api_key_entry, principal_from_entry
@@ -54,7 +54,7 @@ async def principal_and_agent(key: str | None, agent_name: str | None) -> tuple[
     key_entry = found.get(api_key_cache_key(prefix)) if prefix else None
     agent_entry = found.get(agent_cache_key(agent_name)) if agent_name else None
     if (prefix and key_entry is None) or (agent_name and agent_entry is None):
-        key_entry, agent_entry = await sync_to_async(_load_entries)(prefix, key_entry, agent_name, agent_entry)
+        key_entry, agent_entry = await run_db(_load_entries, prefix, key_entry, agent_name, agent_entry)
     principal = principal_from_entry(key_entry, key) if key and prefix else None
     return principal, agent_spec_from_entry(agent_entry)
 
@@ -108,7 +108,7 @@ class ChatTurn:
             if self.session_id is None:
                 self.session_id = uuid.uuid4()
             else:
-                history = await sync_to_async(self._load_session)()
+                history = await run_db(self._load_session)
         for stage in _stages():
             await stage.before(self)
         messages = [{"role": "system", "content": self.agent.system_prompt}] if self.agent.system_prompt else []
@@ -151,7 +151,7 @@ class ChatTurn:
 
     async def _finish(self) -> None:
         try:
-            await sync_to_async(self._persist)()
+            await write_db(self._persist)
         except Exception:
             logger.exception("Could not store run %s", self.run_id)
         for stage in _stages():
@@ -165,7 +165,7 @@ class ChatTurn:
         assert run is not None
         now = timezone.now()
         error = run.error
-        with transaction.atomic():
+        with transaction.atomic():  # alone, or a savepoint inside write_db's group commit
             session = None
             if self.use_session:
                 if self.session_exists:
