@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from functools import reduce
 from operator import or_
 
-from asgiref.sync import sync_to_async
 from django.db import connection
 from django.db.models import Q
 
+from agentplatform.db import run_db
 from agents.skills.base import SkillContext, SkillError
 
 DEFAULT_LIMIT = 3
@@ -160,6 +160,6 @@ class KnowledgeSearch:
         language = config.get("language", "english")
         if not isinstance(language, str) or not _LANGUAGE_RE.match(language):
             raise SkillError("skill misconfigured: language must be a text search configuration name")
-        hits = await sync_to_async(documents_matching, thread_sensitive=True)(
-            agent_id=context.agent_id, query=query.strip(), limit=limit, language=language)
+        hits = await run_db(documents_matching, agent_id=context.agent_id, query=query.strip(), limit=limit,
+                            language=language)
         return format_hits(hits)
