@@ -1,6 +1,7 @@
 """Every HTTP route. The WebSocket routes are in asgi.py."""
 
 from django.contrib import admin
+from django.contrib.admin.views.decorators import staff_member_required
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.authentication import SessionAuthentication
@@ -31,7 +32,9 @@ urlpatterns = [
     path("v1/models", openai_views.ModelListView.as_view(), name="openai-models"),
     path("v1/models/<str:name>", openai_views.ModelDetailView.as_view(), name="openai-model"),
     path("api/schema/", SpectacularAPIView.as_view(**docs_auth), name="schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema", **docs_auth), name="docs"),
+    # A page for people: staff signed in to the admin (others are sent to its login page).
+    path("api/docs/", staff_member_required(SpectacularSwaggerView.as_view(url_name="schema", **docs_auth)),
+         name="docs"),
     path("admin/", admin.site.urls),
 ]
 
