@@ -19,11 +19,15 @@ def _forget_api_key(sender, instance: ApiKey, **kwargs) -> None:
 
 @receiver(m2m_changed, sender=ApiKey.agents.through)
 def _forget_api_key_agents(sender, instance, action: str, reverse: bool, pk_set, **kwargs) -> None:
-    if not action.startswith("post_"):
+    if not reverse:  # api_key.agents.add/remove/clear: instance is the key
+        if action.startswith("post_"):
+            cache.delete(api_key_cache_key(instance.prefix))
         return
-    if reverse:  # agent.api_keys.add(...): instance is the agent
-        prefixes = ApiKey.objects.filter(pk__in=pk_set or []).values_list("prefix", flat=True) if pk_set else \
-            instance.api_keys.values_list("prefix", flat=True)
-        cache.delete_many([api_key_cache_key(p) for p in prefixes])
+    # agent.api_keys...: instance is the agent. A clear has no pk_set: read the keys before it.
+    if action == "pre_clear":
+        prefixes = list(instance.api_keys.values_list("prefix", flat=True))
+    elif action in ("post_add", "post_remove") and pk_set:
+        prefixes = list(ApiKey.objects.filter(pk__in=pk_set).values_list("prefix", flat=True))
     else:
-        cache.delete(api_key_cache_key(instance.prefix))
+        return
+    cache.delete_many([api_key_cache_key(p) for p in prefixes])
