@@ -2,15 +2,16 @@
 compatibility endpoint) through the official SDK's AsyncOpenAI client.
 
 One client, hence one connection pool, per provider per process (per event loop, since an
-httpx pool cannot move between loops; a server has one loop). Non-streaming calls read the
-raw JSON body instead of building the SDK's pydantic objects: same request, same errors,
-less CPU on the hot path.
+httpx pool cannot move between loops; a server has one loop). Non-streaming calls go through the
+SDK's raw `client.post` and read the JSON body instead of building its pydantic objects: same
+request, same errors, less CPU on the hot path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 from typing import Any, AsyncIterator
 
 import httpx
@@ -41,8 +42,12 @@ def provider_error(exc: BaseException, provider: str) -> ProviderError:
     if isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError, httpx.TimeoutException)):
         return ProviderTimeout(f"{provider} did not answer in time.")
     if isinstance(exc, openai.RateLimitError):
+        # 503 + Retry-After: the platform is not limiting the caller, its upstream is; clients
+        # (the OpenAI SDKs included) retry 503s after the delay.
+        retry_after = _retry_after(exc)
         return ProviderError(f"{provider} is rate limiting us: {_upstream_message(exc)}", code="upstream_rate_limited",
-                             retry_after=_retry_after(exc), upstream_status=429)
+                             retry_after=retry_after, upstream_status=429, http_status=503,
+                             headers={"Retry-After": str(math.ceil(retry_after))} if retry_after else None)
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         permanent = 400 <= status < 500 and status not in (408, 409, 429)
@@ -100,8 +105,13 @@ class OpenAICompatibleProvider(Provider):
     async def complete(self, call: ModelCall) -> Completion:
         client = self._client()
         try:
-            raw = await client.chat.completions.with_raw_response.create(**self._kwargs(call))
-            data = json.loads(raw.http_response.content)
+            # client.post is the SDK's documented door for raw calls: its transport, auth,
+            # error mapping and timeouts, without building typed request/response objects.
+            kwargs = self._kwargs(call)
+            timeout = kwargs.pop("timeout")
+            raw = await client.post("/chat/completions", cast_to=httpx.Response, body=kwargs,
+                                    options={"timeout": timeout})
+            data = json.loads(raw.content)
         except (openai.APIError, httpx.HTTPError, asyncio.TimeoutError) as exc:
             raise provider_error(exc, self.name) from exc
         except ValueError as exc:
