@@ -24,7 +24,11 @@ if env.bool("READ_DOT_ENV", default=False):
 INSECURE_DEFAULT_SECRET = "insecure-dev-only-secret-key-change-me"
 
 DEBUG = env.bool("DEBUG", default=False)
+VAR_DIR = Path(env.str("VAR_DIR", default=str(BASE_DIR / "var")))
+# Unset SECRET_KEY: the key scripts/run.sh generated into VAR_DIR/secret_key, if there is one.
 SECRET_KEY = env.str("SECRET_KEY", default="")
+if not SECRET_KEY and (VAR_DIR / "secret_key").is_file():
+    SECRET_KEY = (VAR_DIR / "secret_key").read_text().strip()
 if not SECRET_KEY or SECRET_KEY == INSECURE_DEFAULT_SECRET:
     if not DEBUG and not env.bool("ALLOW_INSECURE_SECRET_KEY", default=False):
         raise ImproperlyConfigured(
@@ -114,7 +118,6 @@ TEMPLATES = [
 # psycopg 3 with its connection pool. Under ASGI every request runs its sync ORM work in a
 # thread of its own, so Django's CONN_MAX_AGE would strand a connection per thread; the
 # pool keeps connections persistent across requests instead.
-VAR_DIR = Path(env.str("VAR_DIR", default=str(BASE_DIR / "var")))
 DATABASE_URL = env.str("DATABASE_URL", default="")
 if DATABASE_URL:
     DATABASES = {"default": env.db_url_config(DATABASE_URL)}

@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# Run Agent Platform: the one command after cloning.
+#
+#   ./scripts/run.sh                 # http://127.0.0.1:8000/
+#   HOST=0.0.0.0 PORT=9000 ./scripts/run.sh
+#
+# Creates .venv (python3 >= 3.11) and installs the project into it (skipped while
+# pyproject.toml is unchanged), keeps a generated SECRET_KEY in $VAR_DIR/secret_key (mode
+# 0600; default var/secret_key) unless SECRET_KEY is set, migrates, seeds the demo (agents,
+# the superuser `admin`, an admin API key: the password and key are printed on the first
+# run only), prints where everything is, then execs daphne (Ctrl-C stops it).
+#
+# DEBUG is off unless you set it. Everything else comes from your environment as it is:
+# DATABASE_URL / REDIS_URL switch to PostgreSQL / Redis, VAR_DIR moves the SQLite database
+# and the key file, OPENAI_API_KEY enables the openai provider (see .env.example).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+PYTHON="${PYTHON:-python3}"
+VENV="$ROOT/.venv"
+VPY="$VENV/bin/python"
+HOST="${HOST:-127.0.0.1}"
+PORT="${PORT:-8000}"
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() { printf '\nERROR: %s\n' "$*" >&2; exit 1; }
+
+# --- Python and the virtualenv -----------------------------------------------------------
+python_ok() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; }
+
+if [[ ! -x "$VPY" ]]; then
+    command -v "$PYTHON" >/dev/null 2>&1 \
+        || die "$PYTHON not found. Agent Platform needs Python 3.11 or newer (set PYTHON=/path/to/python3.11)."
+    python_ok "$PYTHON" \
+        || die "Agent Platform needs Python 3.11 or newer; $PYTHON is $("$PYTHON" -V 2>&1). Install python3.11+ and/or set PYTHON=/path/to/python3.11."
+    say "Creating the virtualenv .venv ($("$PYTHON" -V 2>&1))"
+    "$PYTHON" -m venv "$VENV" || die "python3 -m venv failed (on Debian/Ubuntu: apt-get install python3-venv)."
+fi
+python_ok "$VPY" || die ".venv has $("$VPY" -V 2>&1); Python 3.11+ is needed. Remove .venv and run again."
+
+# Install unless the stamp says this pyproject.toml is installed already. The stamp holds the
+# hash of pyproject.toml and the extras installed ("base" or "dev"; dev includes base).
+STAMP="$VENV/.agentplatform-install-stamp"
+PYPROJECT_HASH="$("$VPY" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' pyproject.toml)"
+stamp_hash="" stamp_extras=""
+if [[ -f "$STAMP" ]]; then read -r stamp_hash stamp_extras <"$STAMP" || true; fi
+if [[ "$stamp_hash" == "$PYPROJECT_HASH" ]] && "$VPY" -c 'import django, daphne, channels' 2>/dev/null; then
+    : # up to date
+else
+    say "Installing Agent Platform into .venv (pip install -e .; a minute on the first run)"
+    "$VPY" -m pip install -qq --disable-pip-version-check -e . || die "pip install -e . failed (see above)."
+    echo "$PYPROJECT_HASH base" >"$STAMP"
+fi
+
+# --- Environment -----------------------------------------------------------------------
+export DJANGO_SETTINGS_MODULE="${DJANGO_SETTINGS_MODULE:-agentplatform.settings}"
+export DEBUG="${DEBUG:-false}"
+export PYTHONUNBUFFERED=1
+
+VAR_PATH="${VAR_DIR:-$ROOT/var}"
+SECRET_FILE=""
+if [[ -z "${SECRET_KEY:-}" ]]; then
+    SECRET_FILE="$VAR_PATH/secret_key"
+    if [[ ! -s "$SECRET_FILE" ]]; then
+        mkdir -p "$VAR_PATH"
+        (
+            umask 077
+            "$VPY" -c 'import secrets; print(secrets.token_urlsafe(50))' >"$SECRET_FILE.tmp"
+            mv "$SECRET_FILE.tmp" "$SECRET_FILE"
+        )
+        say "Generated a SECRET_KEY into ${SECRET_FILE#"$ROOT"/} (keep it: sessions are signed with it)"
+    fi
+    chmod 600 "$SECRET_FILE"
+    SECRET_KEY="$(tr -d '\r\n' <"$SECRET_FILE")"
+    export SECRET_KEY
+fi
+
+# Fail now, not after the migrations, if the address is taken.
+"$VPY" - "$HOST" "$PORT" <<'EOF' || exit 1
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+with socket.socket(family, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError as exc:
+        sys.exit(f"\nERROR: cannot listen on {host}:{port} ({exc.strerror}). Is it running already? "
+                 "Pick another port with PORT=8001 ./scripts/run.sh")
+EOF
+
+# --- Database and demo data ----------------------------------------------------------------
+say "Migrating the database"
+"$VPY" manage.py migrate --noinput -v 0
+
+say "Seeding the demo (agents, superuser admin, API key)"
+SEED_OUT="$("$VPY" manage.py seed_demo --json)"
+# seed_demo --json prints one JSON object (its last line); read the fields we show.
+SEED_FIELDS="$(printf '%s\n' "$SEED_OUT" | "$VPY" -c '
+import json, sys
+lines = [l for l in sys.stdin.read().splitlines() if l.strip().startswith("{")]
+try:
+    data = json.loads(lines[-1])
+except (IndexError, ValueError):
+    sys.exit(1)
+def one(v):
+    return "" if v is None else " ".join(v) if isinstance(v, list) else str(v)
+for k in ("admin_user", "admin_password", "api_key", "agents"):
+    print(one(data.get(k)))
+')" || { printf '%s\n' "$SEED_OUT"; die "could not read the output of manage.py seed_demo --json (shown above)."; }
+{ read -r ADMIN_USER; read -r ADMIN_PASSWORD; read -r API_KEY; read -r AGENTS; } <<<"$SEED_FIELDS" || true
+ADMIN_USER="${ADMIN_USER:-admin}"
+
+# --- Banner ------------------------------------------------------------------------------
+case "$HOST" in
+    0.0.0.0 | "::" | "") SHOW_HOST=127.0.0.1 ;;
+    *:*) SHOW_HOST="[$HOST]" ;;
+    *) SHOW_HOST="$HOST" ;;
+esac
+BASE="http://$SHOW_HOST:$PORT"
+
+# Settings read $VAR_DIR/secret_key when SECRET_KEY is unset, so the commands shown just work.
+MANAGE=".venv/bin/python manage.py"
+if [[ -n "${VAR_DIR:-}" ]]; then MANAGE="VAR_DIR=$VAR_DIR $MANAGE"; fi
+
+if [[ -n "${DATABASE_URL:-}" ]]; then DB_DESC="DATABASE_URL (${DATABASE_URL%%:*})"; else DB_DESC="SQLite, ${VAR_PATH#"$ROOT"/}/db.sqlite3"; fi
+if [[ -n "${REDIS_URL:-}" ]]; then STACK_DESC="Redis (REDIS_URL)"; else STACK_DESC="in-process (no REDIS_URL)"; fi
+
+rule='================================================================================'
+{
+    echo
+    echo "$rule"
+    echo "  Agent Platform  ->  $BASE/      (Ctrl-C stops it)"
+    echo "$rule"
+    echo "  Admin console    $BASE/admin/"
+    echo "    user           $ADMIN_USER"
+    if [[ -n "$ADMIN_PASSWORD" ]]; then
+        echo "    password       $ADMIN_PASSWORD"
+        echo "                   ^ shown this once: store it now"
+    else
+        echo "    password       (printed on the first run; to set a new one:"
+        echo "                    $MANAGE changepassword $ADMIN_USER)"
+    fi
+    echo
+    if [[ -n "$API_KEY" ]]; then
+        echo "  API key (admin)  $API_KEY"
+        echo "                   ^ shown this once: store it now"
+    else
+        echo "  API key          the demo key was printed on the first run; make a new one with:"
+        echo "                   $MANAGE create_api_key --name me --role admin"
+    fi
+    echo
+    echo "  API              $BASE/api/v1/"
+    echo "  OpenAI-compatible base URL   $BASE/v1   (model = an agent's name)"
+    echo "  API docs         $BASE/api/docs/   (sign in to the admin first)"
+    echo "  Health           $BASE/health   $BASE/health/ready"
+    if [[ -n "$AGENTS" ]]; then echo "  Demo agents      $AGENTS"; fi
+    echo "  Database         $DB_DESC; cache/channels/broker: $STACK_DESC; DEBUG=$DEBUG"
+    echo
+    echo "  Try it (in another terminal):"
+    if [[ -n "$API_KEY" ]]; then echo "    KEY=$API_KEY"; else echo "    KEY=ap_...   # your API key"; fi
+    echo "    curl -s $BASE/api/v1/agents/assistant/chat -H \"Authorization: Bearer \$KEY\" -H 'Content-Type: application/json' -d '{\"message\": \"What is 17 * 23?\"}'"
+    echo "$rule"
+    echo
+}
+
+# --- Serve -------------------------------------------------------------------------------
+exec "$VENV/bin/daphne" -b "$HOST" -p "$PORT" agentplatform.asgi:application
