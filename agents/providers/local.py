@@ -31,6 +31,15 @@ def _tool_names(tools: list[dict] | None) -> set[str]:
     return {t.get("function", {}).get("name") for t in tools or []}
 
 
+def _tool_name(messages: list[dict], call_id: str | None) -> str | None:
+    """The skill a tool result answers, from the assistant message that made the call."""
+    for message in reversed(messages):
+        for call in message.get("tool_calls") or []:
+            if call.get("id") == call_id:
+                return (call.get("function") or {}).get("name")
+    return None
+
+
 def _choose_tool(text: str, tools: set[str]) -> tuple[str, dict] | None:
     lowered = text.lower()
     if "calculator" in tools:
@@ -59,8 +68,8 @@ class LocalProvider(Provider):
         prompt_tokens = sum(estimate_tokens(_text(m)) + 1 for m in messages)
         last = messages[-1] if messages else {"role": "user", "content": ""}
         if last.get("role") == "tool":
-            name = last.get("name") or "the skill"
-            reply = f"{name} returned: {_text(last)[:500]}"
+            name = last.get("name") or _tool_name(messages, last.get("tool_call_id")) or "a skill"
+            reply = f"I used {name}: {_text(last)[:500]}"
         else:
             user_text = _text(last).strip()
             choice = _choose_tool(user_text, _tool_names(call.tools))
