@@ -161,6 +161,8 @@ def _first_error(detail: Any, path: str = "") -> tuple[str, str]:
     """The first (field path, message) of a DRF ValidationError detail tree."""
     if isinstance(detail, dict):
         for key, value in detail.items():
+            if isinstance(key, int):  # DRF reports list items as {index: errors}
+                return _first_error(value, f"{path}[{key}]")
             sub = str(key) if key != "non_field_errors" else ""
             return _first_error(value, f"{path}.{sub}" if path and sub else (sub or path))
     if isinstance(detail, list) and detail:

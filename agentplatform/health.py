@@ -16,6 +16,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
+from .db import run_db
 from .errors import AuthenticationFailed, PermissionDenied, error_response
 
 CHECK_TIMEOUT = 3.0
@@ -73,7 +74,8 @@ def _check_broker() -> str:
 async def _run(name: str, check) -> tuple[str, dict]:
     started = time.perf_counter()
     try:
-        coro = check() if asyncio.iscoroutinefunction(check) else sync_to_async(check, thread_sensitive=False)()
+        # Sync checks run on the database threads, which hand connections back to the pool.
+        coro = check() if asyncio.iscoroutinefunction(check) else run_db(check)
         detail = await asyncio.wait_for(coro, CHECK_TIMEOUT)
         result = {"status": "ok", "detail": detail}
     except Exception as exc:  # report, never raise: readiness must answer

@@ -183,15 +183,22 @@ class BodySizeLimitASGI:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        request_id = None
+        length = None
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
-                try:
-                    too_big = int(value) > self.max_bytes
-                except ValueError:
-                    return await self._reply(send, 400, "invalid_request", "Malformed Content-Length header.")
-                if too_big:
-                    return await self._reply(send, 413, "request_too_large", self._message())
-                break
+                length = value
+            elif name == b"x-request-id":
+                supplied = value.decode("latin-1")
+                request_id = supplied if _REQUEST_ID_RE.match(supplied) else None
+        request_id = request_id or f"req_{uuid.uuid4().hex}"
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_bytes
+            except ValueError:
+                return await self._reply(send, 400, "invalid_request", "Malformed Content-Length header.", request_id)
+            if too_big:
+                return await self._reply(send, 413, "request_too_large", self._message(), request_id)
         received = 0
         limit = self.max_bytes
         over = False
@@ -209,20 +216,21 @@ class BodySizeLimitASGI:
         try:
             await self.app(scope, limited_receive, send)
         except _BodyTooLarge:
-            await self._reply(send, 413, "request_too_large", self._message())
+            await self._reply(send, 413, "request_too_large", self._message(), request_id)
 
     def _message(self) -> str:
         return f"The request body is larger than the limit of {self.max_bytes} bytes."
 
     @staticmethod
-    async def _reply(send: Callable, status: int, code: str, message: str) -> None:
+    async def _reply(send: Callable, status: int, code: str, message: str, request_id: str) -> None:
         import json
 
         body = json.dumps(
-            {"error": {"type": "invalid_request_error", "code": code, "message": message, "request_id": None}}
+            {"error": {"type": "invalid_request_error", "code": code, "message": message, "request_id": request_id}}
         ).encode()
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"x-request-id", request_id.encode())]})
         await send({"type": "http.response.body", "body": body})
 
 

@@ -135,6 +135,8 @@ class ChatTurn:
             async for event in self.run.events():
                 if event["type"] == "error":
                     self.status = Run.Status.FAILED
+                if event["type"] in ("done", "error"):
+                    self.latency_ms = int((time.perf_counter() - self._t0) * 1000)
                 yield event
             if self.status == Run.Status.RUNNING:
                 self.status = Run.Status.SUCCEEDED

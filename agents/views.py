@@ -157,6 +157,8 @@ def sse_response(turn: ChatTurn) -> StreamingHttpResponse:
             if event["type"] == "done":
                 event = {**event, **turn.result()}
                 event["type"] = "done"
+            elif event["type"] == "error":
+                event = {**event, "request_id": turn.request_id}
             yield sse_event(event)
 
     response = StreamingHttpResponse(with_heartbeats(frames(), settings.SSE_HEARTBEAT_SECONDS),

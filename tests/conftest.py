@@ -1,0 +1,196 @@
+"""Shared fixtures: the fake OpenAI upstream, agents and API keys made through the ORM and our
+services, an async HTTP client, SSE parsing, and the housekeeping the chat path needs
+(its database threads, the shared cache)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import httpx
+import pytest
+from asgiref.sync import sync_to_async
+from django.core.cache import cache
+from django.db import connections
+
+from agentplatform.testing.fake_openai import FakeOpenAIServer
+
+
+# --- housekeeping -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup):
+    """pytest-django's test database, plus: the chat path keeps database threads
+    (agentplatform.db) with their own connections; close them before the database is
+    dropped, or PostgreSQL refuses to drop it."""
+    yield
+    from agentplatform.db import close_db_threads
+
+    close_db_threads()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    """Agents and API keys are cached (also misses): every test starts from an empty cache."""
+    cache.clear()
+    yield
+    cache.clear()
+
+
+# --- the fake upstream --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def fake_upstream():
+    with FakeOpenAIServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def openai_settings(settings, fake_upstream):
+    """Point the `openai` provider at the fake upstream (the provider registry rebuilds itself
+    on setting_changed). Async so that the provider's HTTP client, bound to this test's event
+    loop, is closed in it."""
+    settings.OPENAI_API_KEY = "sk-test"
+    settings.OPENAI_BASE_URL = fake_upstream.base_url
+    fake_upstream.reset()
+    yield settings
+    from agents.providers import provider_for
+
+    provider, _ = provider_for("openai/any")
+    await provider.aclose()
+
+
+# --- factories ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_agent(db) -> Callable[..., Any]:
+    """make_agent(name=..., model="local/demo", skills=[...], **fields): an Agent with its
+    skills (built-ins get their code's description and parameters)."""
+    from agents.models import Agent, AgentSkill, Skill
+    from agents.skills import builtin_skill_defaults
+
+    def make(name: str = "helper", model: str = "local/demo", skills: list[str] | None = None, **fields) -> Agent:
+        agent = Agent.objects.create(name=name, model=model, **fields)
+        for position, skill_name in enumerate(skills or []):
+            skill = Skill.objects.filter(name=skill_name).first()
+            if skill is None:
+                skill = Skill.objects.create(name=skill_name, kind=Skill.Kind.BUILTIN,
+                                             **builtin_skill_defaults(skill_name))
+            AgentSkill.objects.create(agent=agent, skill=skill, position=position)
+        return agent
+
+    return make
+
+
+@pytest.fixture
+def make_key(db) -> Callable[..., str]:
+    """make_key(role="client", agents=None, **kwargs): the secret of a new API key."""
+    from governance.services import api_key_create
+
+    counter = iter(range(1, 10_000))
+
+    def make(role: str = "client", agents: list[str] | None = None, **kwargs) -> str:
+        _, secret = api_key_create(name=f"{role}-{next(counter)}", role=role, agent_names=agents, **kwargs)
+        return secret
+
+    return make
+
+
+def _call_and_close(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        # This runs in asgiref's shared sync thread, which outlives the test: leave no
+        # connection checked out of PostgreSQL's pool there, or the test database cannot be
+        # dropped at the end of the session.
+        connections.close_all()
+
+
+async def orm(fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """Run sync ORM code (a factory, a query: evaluate querysets inside) from an async test."""
+    return await sync_to_async(_call_and_close)(fn, args, kwargs)
+
+
+# --- HTTP helpers -------------------------------------------------------------------------
+#
+# Requests go through the project's real ASGI application (agentplatform.asgi: the body-size
+# wrapper, the platform's ASGI handler, every middleware) with httpx's ASGI transport, in the
+# test's event loop. httpx collects a streamed body whole, in order, so SSE tests see every
+# event and heartbeat as sent.
+
+
+class Api:
+    """An httpx client on the ASGI app: JSON bodies, the key in `Authorization: Bearer`."""
+
+    def __init__(self, key: str | None = None) -> None:
+        from agentplatform.asgi import application
+
+        self.key = key
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=application),
+                                        base_url="http://testserver", timeout=30)
+
+    def _headers(self, key: str | None, headers: dict | None) -> dict:
+        out = dict(headers or {})
+        key = self.key if key is None else key
+        if key:
+            out.setdefault("Authorization", f"Bearer {key}")
+        return out
+
+    async def get(self, path: str, *, key: str | None = None, headers: dict | None = None,
+                  params: dict | None = None) -> httpx.Response:
+        return await self.client.get(path, params=params, headers=self._headers(key, headers))
+
+    async def post(self, path: str, body: Any = None, *, key: str | None = None, headers: dict | None = None,
+                   raw: bytes | str | None = None, content_type: str = "application/json") -> httpx.Response:
+        content = raw if raw is not None else json.dumps(body if body is not None else {})
+        headers = {"Content-Type": content_type, **self._headers(key, headers)}
+        return await self.client.post(path, content=content, headers=headers)
+
+    async def delete(self, path: str, *, key: str | None = None) -> httpx.Response:
+        return await self.client.delete(path, headers=self._headers(key, None))
+
+    async def request(self, method: str, path: str, *, key: str | None = None, **kwargs) -> httpx.Response:
+        return await self.client.request(method, path, headers=self._headers(key, kwargs.pop("headers", None)),
+                                         **kwargs)
+
+
+def parse_sse(text: str) -> list[dict]:
+    """Blocks of an SSE body in order: {"event", "data"} (data decoded from JSON unless it is
+    [DONE]), or {"comment"} for comment lines such as heartbeats."""
+    events = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        if block.startswith(":"):
+            events.append({"comment": block[1:].strip()})
+            continue
+        event, data = None, []
+        for line in block.split("\n"):
+            if line.startswith("event: "):
+                event = line[len("event: "):]
+            elif line.startswith("data: "):
+                data.append(line[len("data: "):])
+        payload = "\n".join(data)
+        events.append({"event": event, "data": payload if payload in ("", "[DONE]") else json.loads(payload)})
+    return events
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None, *,
+                 param: str | None = None) -> dict:
+    """The response is an error in our one JSON shape and names its request id; returns the error."""
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert {"type", "code", "message", "request_id"} <= set(error), error
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    if param is not None:
+        assert error.get("param") == param, error
+    assert response.headers.get("X-Request-ID"), "every error names its request"
+    assert error["request_id"] == response.headers["X-Request-ID"]
+    return error
+

@@ -1,0 +1,157 @@
+"""Settings come from the environment: each scenario starts Django in a subprocess with only
+the variables it names, and prints the settings that matter as JSON. The subprocesses run in
+parallel (Django's start-up is most of their cost)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+INSECURE = "insecure-dev-only-secret-key-change-me"
+GOOD_SECRET = "a-long-random-secret-for-the-settings-tests-0123456789abcdef"
+
+PRINT_SETTINGS = """
+import json
+import django
+django.setup()
+from django.conf import settings as s
+db = s.DATABASES["default"]
+print(json.dumps({
+    "DEBUG": s.DEBUG,
+    "SECRET_KEY": s.SECRET_KEY,
+    "db": {"ENGINE": db["ENGINE"], "NAME": str(db["NAME"]), "HOST": db.get("HOST", ""),
+           "CONN_MAX_AGE": db.get("CONN_MAX_AGE"), "OPTIONS": db.get("OPTIONS", {})},
+    "cache": s.CACHES["default"],
+    "channel_layer": s.CHANNEL_LAYERS["default"],
+    "broker": s.CELERY_BROKER_URL,
+    "eager": s.CELERY_TASK_ALWAYS_EAGER,
+    "providers": s.LLM_PROVIDERS,
+    "max_request_bytes": s.MAX_REQUEST_BYTES,
+    "upload_limit": s.DATA_UPLOAD_MAX_MEMORY_SIZE,
+}, default=str))
+"""
+
+SCENARIOS: dict[str, dict[str, str]] = {
+    "no_secret": {"DEBUG": "0"},
+    "insecure_secret": {"DEBUG": "0", "SECRET_KEY": INSECURE},
+    "production_secret": {"DEBUG": "false", "SECRET_KEY": GOOD_SECRET},
+    # Nothing but DEBUG (plus knobs that do not change the stack).
+    "embedded": {"DEBUG": "1", "MAX_REQUEST_BYTES": "2048",
+                 "LLM_PROVIDERS": '{"vllm": {"base_url": "http://gpu:8000/v1", "api_key_env": "VLLM_KEY"}}',
+                 "VLLM_KEY": "sk-vllm"},
+    "postgres": {"DEBUG": "1", "DATABASE_URL": "postgres://app:pw@db.example:5432/agents",
+                 "DATABASE_POOL_MAX_SIZE": "7"},
+    "redis": {"DEBUG": "1", "REDIS_URL": "redis://cache.example:6379/2"},
+    "bad_number": {"DEBUG": "1", "MAX_REQUEST_BYTES": "lots"},
+    "bad_providers_json": {"DEBUG": "1", "LLM_PROVIDERS": "{oops"},
+    "providers_redefine_openai": {"DEBUG": "1", "LLM_PROVIDERS": '{"openai": {"base_url": "http://x/v1"}}'},
+}
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict[str, tuple[int, dict | None, str]]:
+    """scenario → (exit code, printed settings or None, stderr), all started at once."""
+    processes = {}
+    for name, variables in SCENARIOS.items():
+        # Only what the scenario names, so the CI's own DATABASE_URL / REDIS_URL cannot leak in.
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+               "DJANGO_SETTINGS_MODULE": "agentplatform.settings",
+               "VAR_DIR": str(tmp_path_factory.mktemp(f"var-{name}")), **variables}
+        processes[name] = subprocess.Popen([sys.executable, "-c", PRINT_SETTINGS], cwd=ROOT, env=env,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = {}
+    for name, process in processes.items():
+        out, err = process.communicate(timeout=60)
+        printed = json.loads(out.strip().splitlines()[-1]) if process.returncode == 0 else None
+        results[name] = (process.returncode, printed, err)
+    return results
+
+
+def ok(outcomes, name: str) -> dict:
+    code, printed, err = outcomes[name]
+    assert code == 0, err[-2000:]
+    return printed
+
+
+def refused(outcomes, name: str) -> str:
+    code, _, err = outcomes[name]
+    assert code != 0
+    assert "ImproperlyConfigured" in err or "Error" in err
+    return err
+
+
+def test_it_refuses_to_start_without_a_secret_key_when_debug_is_off(outcomes):
+    err = refused(outcomes, "no_secret")
+    assert "SECRET_KEY" in err
+
+
+def test_it_refuses_the_insecure_default_secret_when_debug_is_off(outcomes):
+    err = refused(outcomes, "insecure_secret")
+    assert "SECRET_KEY" in err and "insecure" in err
+
+
+def test_it_uses_the_insecure_default_only_with_debug_on(outcomes):
+    settings = ok(outcomes, "embedded")
+    assert settings["DEBUG"] is True
+    assert settings["SECRET_KEY"] == INSECURE
+
+
+def test_it_starts_in_production_with_a_real_secret(outcomes):
+    settings = ok(outcomes, "production_secret")
+    assert settings["DEBUG"] is False
+    assert settings["SECRET_KEY"] == GOOD_SECRET
+
+
+def test_it_defaults_to_the_embedded_stack(outcomes):
+    settings = ok(outcomes, "embedded")
+    assert settings["db"]["ENGINE"] == "django.db.backends.sqlite3"
+    assert settings["db"]["NAME"].endswith("db.sqlite3") and "var-embedded" in settings["db"]["NAME"]
+    assert settings["cache"]["BACKEND"] == "django.core.cache.backends.locmem.LocMemCache"
+    assert settings["channel_layer"]["BACKEND"] == "channels.layers.InMemoryChannelLayer"
+    assert settings["broker"] == "memory://"
+    assert settings["eager"] is True
+
+
+def test_it_uses_postgresql_with_a_connection_pool_given_a_database_url(outcomes):
+    db = ok(outcomes, "postgres")["db"]
+    assert db["ENGINE"] == "django.db.backends.postgresql"
+    assert db["NAME"] == "agents" and db["HOST"] == "db.example"
+    assert db["CONN_MAX_AGE"] == 0  # the pool keeps connections, not Django
+    assert db["OPTIONS"]["pool"] == {"min_size": 2, "max_size": 7, "timeout": 10.0}
+
+
+def test_it_uses_redis_for_cache_channels_and_celery_given_a_redis_url(outcomes):
+    settings = ok(outcomes, "redis")
+    url = "redis://cache.example:6379/2"
+    assert settings["cache"]["BACKEND"] == "django_redis.cache.RedisCache"
+    assert settings["cache"]["LOCATION"] == url
+    assert settings["channel_layer"]["BACKEND"] == "channels_redis.core.RedisChannelLayer"
+    assert settings["channel_layer"]["CONFIG"]["hosts"] == [url]
+    assert settings["broker"] == url
+    assert settings["eager"] is False
+    assert settings["db"]["ENGINE"] == "django.db.backends.sqlite3"  # independent of the database
+
+
+def test_it_fails_at_startup_on_malformed_values(outcomes):
+    assert "'lots'" in refused(outcomes, "bad_number")
+    assert "LLM_PROVIDERS" in refused(outcomes, "bad_providers_json")
+    err = refused(outcomes, "providers_redefine_openai")
+    assert "LLM_PROVIDERS" in err and "openai" in err
+
+
+def test_it_reads_an_extra_providers_key_from_the_variable_it_names(outcomes):
+    providers = ok(outcomes, "embedded")["providers"]
+    assert providers["vllm"]["base_url"] == "http://gpu:8000/v1"
+    assert providers["vllm"]["api_key"] == "sk-vllm"
+    assert providers["anthropic"]["api_key"] == ""  # built in, no key set
+
+
+def test_it_applies_the_body_limit_to_djangos_upload_limit(outcomes):
+    settings = ok(outcomes, "embedded")
+    assert settings["max_request_bytes"] == settings["upload_limit"] == 2048
