@@ -12,9 +12,6 @@ from governance.authentication import ApiKeyAuthentication
 from . import health
 from .docs import StaffOrApiKey
 
-# Importing the admin modules registers the console's pages.
-from . import admin as _site  # noqa: F401
-
 docs_auth = {"authentication_classes": [SessionAuthentication, ApiKeyAuthentication],
              "permission_classes": [StaffOrApiKey]}
 

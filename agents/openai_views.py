@@ -18,10 +18,11 @@ from rest_framework.views import APIView
 
 from agentplatform.asyncviews import AsyncAPIView, parse_json_body, require_principal
 from agentplatform.errors import InvalidRequest, NotFound, PlatformError
+from governance.selectors import presented_key
 
 from .pipeline import ChatTurn, authorize_agent, chat_complete, principal_and_agent
+from .selectors import visible_agents
 from .streaming import with_heartbeats
-from governance.selectors import presented_key
 
 
 class OpenAIMessageSerializer(serializers.Serializer):
@@ -252,8 +253,6 @@ class ModelListView(APIView):
 
     @extend_schema(operation_id="openai_models_list", responses={200: OpenApiTypes.OBJECT})
     def get(self, request: Request) -> Response:
-        from .views import visible_agents
-
         return Response({"object": "list", "data": [_model_payload(a) for a in visible_agents(request.user)
                                                     .order_by("name")]})
 
@@ -261,8 +260,6 @@ class ModelListView(APIView):
 class ModelDetailView(APIView):
     @extend_schema(operation_id="openai_models_retrieve", responses={200: OpenApiTypes.OBJECT})
     def get(self, request: Request, name: str) -> Response:
-        from .views import visible_agents
-
         agent = visible_agents(request.user).filter(name=name).first()
         if agent is None:
             raise NotFound(f"The model `{name}` does not exist or you do not have access to it.",

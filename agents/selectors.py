@@ -74,6 +74,14 @@ def agents_with_skills():
         Prefetch("agent_skills", queryset=AgentSkill.objects.select_related("skill").order_by("position", "id")))
 
 
+def visible_agents(principal):
+    """The enabled agents a key may use, with their skills."""
+    queryset = agents_with_skills().filter(enabled=True)
+    if principal.agents is not None:
+        queryset = queryset.filter(name__in=principal.agents)
+    return queryset
+
+
 def agent_entry_from_db(name: str) -> dict:
     """Load an agent and store its cache entry (a miss marker when there is none)."""
     agent = agents_with_skills().filter(name=name).first()

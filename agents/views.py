@@ -7,7 +7,7 @@ they are not the hot path and run the ORM as DRF does.
 from __future__ import annotations
 
 from django.conf import settings
-from django.db.models import Count
+from django.db.models import Count, Q
 from django.http import JsonResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -25,7 +25,7 @@ from .models import Agent, Session
 from .pipeline import ChatTurn, authorize_agent, chat_complete, principal_and_agent
 from .providers import provider_for
 from .providers.base import ProviderError
-from .selectors import agent_spec, agents_with_skills
+from .selectors import agent_spec, agent_spec_from_model, visible_agents
 from .serializers import (
     AgentDetailSerializer,
     AgentSerializer,
@@ -58,13 +58,6 @@ def _agent_payload(agent, *, detail: bool = False) -> dict:
     return data
 
 
-def visible_agents(principal):
-    queryset = agents_with_skills().filter(enabled=True)
-    if principal.agents is not None:
-        queryset = queryset.filter(name__in=principal.agents)
-    return queryset
-
-
 class AgentListView(generics.GenericAPIView):
     """Agents the caller's key may use."""
 
@@ -74,13 +67,9 @@ class AgentListView(generics.GenericAPIView):
     @extend_schema(parameters=[OpenApiParameter("q", str, description="Filter by name or description.")],
                    responses={200: AgentSerializer(many=True)})
     def get(self, request: Request) -> Response:
-        from .selectors import agent_spec_from_model
-
         queryset = visible_agents(request.user).order_by("name")
         q = request.query_params.get("q")
         if q:
-            from django.db.models import Q
-
             queryset = queryset.filter(Q(name__icontains=q) | Q(description__icontains=q))
         page = self.paginate_queryset(queryset)
         return self.get_paginated_response([_agent_payload(agent_spec_from_model(a)) for a in page])

@@ -4,7 +4,6 @@ the `openai` provider talks to the fake upstream."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from datetime import timedelta
