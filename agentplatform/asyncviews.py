@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from asgiref.sync import markcoroutinefunction
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework.views import APIView
@@ -43,6 +44,22 @@ def parse_json_body(request: HttpRequest) -> dict:
     if not isinstance(data, dict):
         raise InvalidRequest("The JSON body must be an object.", code="invalid_json")
     return data
+
+
+def client_ip(request: HttpRequest) -> str | None:
+    """The caller's address: REMOTE_ADDR, or the first X-Forwarded-For hop behind a trusted proxy."""
+    if settings.TRUST_X_FORWARDED_FOR:
+        forwarded = request.headers.get("X-Forwarded-For", "")
+        first = forwarded.split(",")[0].strip()
+        if first:
+            return first[:45]
+    return request.META.get("REMOTE_ADDR") or None
+
+
+def with_headers(response: HttpResponse, headers: dict[str, str]) -> HttpResponse:
+    for name, value in headers.items():
+        response[name] = value
+    return response
 
 
 def require_principal(principal: Any) -> Any:

@@ -53,6 +53,12 @@ class Agent(models.Model):
     fallback_models = models.JSONField(default=list, blank=True)
     timeout_seconds = models.PositiveIntegerField(default=60, validators=[MinValueValidator(1), MaxValueValidator(3600)])
     enabled = models.BooleanField(default=True)
+    # Governance per agent: an optional requests/min limit across all keys, masking of stored
+    # transcripts, and what to do with a message the prompt-injection heuristic flags.
+    rate_limit_rpm = models.PositiveIntegerField(null=True, blank=True)
+    mask_transcripts = models.BooleanField(default=False, help_text="Mask PII in stored messages.")
+    block_prompt_injection = models.BooleanField(
+        default=False, help_text="Refuse (400) messages flagged as prompt injection; otherwise only audit them.")
     skills = models.ManyToManyField(Skill, through="AgentSkill", blank=True, related_name="agents")
     metadata = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -16,7 +16,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from agentplatform.asyncviews import AsyncAPIView, parse_json_body, require_principal
+from agentplatform.asyncviews import AsyncAPIView, client_ip, parse_json_body, require_principal, with_headers
 from agentplatform.errors import InvalidRequest, NotFound, PlatformError
 from governance.selectors import presented_key
 
@@ -194,12 +194,12 @@ class ChatCompletionsView(AsyncAPIView):
         turn = ChatTurn(principal=principal, agent=agent, input_messages=[_message(m) for m in data["messages"]],
                         transport="openai", stream=data["stream"], request_id=request.request_id,
                         use_session=False, metadata=data.get("metadata") or {},
-                        temperature=data.get("temperature"),
+                        temperature=data.get("temperature"), client_ip=client_ip(request),
                         max_tokens=min(max_tokens, agent.max_tokens) if max_tokens else None)
         await turn.prepare()
         if not data["stream"]:
             result = await chat_complete(turn)
-            return JsonResponse({
+            return with_headers(JsonResponse({
                 "id": _completion_id(turn), "object": "chat.completion", "created": int(time.time()),
                 "model": agent.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result["output"],
@@ -207,14 +207,14 @@ class ChatCompletionsView(AsyncAPIView):
                              "finish_reason": turn.run.finish_reason or "stop", "logprobs": None}],
                 "usage": result["usage"],
                 "system_fingerprint": None,
-            })
+            }), turn.response_headers)
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         response = StreamingHttpResponse(with_heartbeats(_openai_stream(turn, include_usage),
                                                          settings.SSE_HEARTBEAT_SECONDS),
                                          content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"
-        return response
+        return with_headers(response, turn.response_headers)
 
 
 async def _openai_stream(turn: ChatTurn, include_usage: bool):

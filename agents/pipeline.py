@@ -7,10 +7,16 @@ rate limits, idempotency, budgets, metering and audit apply to all of them alike
     async for event in turn.events():   # runtime events; persists the run when it ends
         ...
 
-Stages (settings.AGENT_PIPELINE_STAGES, dotted paths to classes) hook in around the run:
-`async before(turn)` may raise a PlatformError to refuse the turn before the model is called;
-`async after(turn)` sees the finished (or failed, or cancelled) turn. The transcript and run
-are written in one transaction, in one thread hop, after the model has answered.
+Stages (settings.AGENT_PIPELINE_STAGES, dotted paths to classes) hook in around the run,
+each defining any of:
+  `async before(turn)`  may raise a PlatformError to refuse the turn before the model is
+                        called (rate limit, budget, guard); may narrow `turn.skills` or add
+                        `turn.response_headers`;
+  `persist(turn)`       sync, inside the transaction that stores the run, so its rows (audit
+                        entry, usage) commit or vanish with the run's own;
+  `async after(turn)`   sees the finished (or failed, or cancelled) turn.
+A turn refused in `before` is reported to each stage's `refused(turn, error)` if it has one.
+The transcript and run are written in one transaction, group-committed, after the model answered.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from django.utils.module_loading import import_string
 
 from agentplatform.cache import cache_get_many
 from agentplatform.db import run_db, write_db
-from agentplatform.errors import NotFound
+from agentplatform.errors import NotFound, PlatformError
 from governance.principal import Principal
 from governance.selectors import api_key_cache_key, api_key_entry, principal_from_entry
 from governance.services import split_key
@@ -91,7 +97,12 @@ class ChatTurn:
     user_id: int | None = None
     temperature: float | None = None
     max_tokens: int | None = None
-    # Set by the pipeline:
+    client_ip: str | None = None
+    # Set by the pipeline and its stages:
+    skills: tuple = ()
+    response_headers: dict = field(default_factory=dict)
+    # What stages want to remember between before/persist/after (keyed by stage).
+    notes: dict = field(default_factory=dict)
     run_id: uuid.UUID = field(default_factory=uuid.uuid4)
     started_at: datetime | None = None
     session_exists: bool = False
@@ -109,13 +120,26 @@ class ChatTurn:
                 self.session_id = uuid.uuid4()
             else:
                 history = await run_db(self._load_session)
+        # A skill the key may not use is never offered to the model.
+        principal = self.principal
+        self.skills = tuple(s for s in self.agent.skills if principal is None or principal.may_use_skill(s.name))
         for stage in _stages():
-            await stage.before(self)
+            before = getattr(stage, "before", None)
+            if before is None:
+                continue
+            try:
+                await before(self)
+            except PlatformError as exc:
+                for other in _stages():
+                    refused = getattr(other, "refused", None)
+                    if refused is not None:
+                        await refused(self, exc)
+                raise
         messages = [{"role": "system", "content": self.agent.system_prompt}] if self.agent.system_prompt else []
         messages += history
         messages += self.input_messages
         self.run = AgentRun(agent=self.agent, messages=messages, stream=self.stream, request_id=self.request_id,
-                            temperature=self.temperature, max_tokens=self.max_tokens)
+                            temperature=self.temperature, max_tokens=self.max_tokens, skills=self.skills)
 
     def _load_session(self) -> list[dict]:
         session = Session.objects.filter(pk=self.session_id).first()
@@ -157,8 +181,11 @@ class ChatTurn:
         except Exception:
             logger.exception("Could not store run %s", self.run_id)
         for stage in _stages():
+            after = getattr(stage, "after", None)
+            if after is None:
+                continue
             try:
-                await stage.after(self)
+                await after(self)
             except Exception:
                 logger.exception("Pipeline stage %s failed after run %s", type(stage).__name__, self.run_id)
 
@@ -209,6 +236,10 @@ class ChatTurn:
                         prompt_tokens=run.usage.prompt_tokens if is_last else 0,
                         completion_tokens=run.usage.completion_tokens if is_last else 0))
                 Message.objects.bulk_create(rows)
+            for stage in _stages():
+                persist = getattr(stage, "persist", None)
+                if persist is not None:
+                    persist(self)
 
     def result(self) -> dict:
         run = self.run

@@ -52,6 +52,8 @@ class AgentRun:
     max_steps: int = 0
     temperature: float | None = None
     max_tokens: int | None = None
+    # The skills offered to the model (the agent's, narrowed by the key and flags); None: all.
+    skills: tuple | None = None
     # Filled while running:
     output: str = ""
     model: str = ""
@@ -79,8 +81,9 @@ class AgentRun:
 
     async def events(self) -> AsyncIterator[dict]:
         agent = self.agent
-        tools = [tool_definition(s) for s in agent.skills] or None
-        skills = {s.name: s for s in agent.skills}
+        offered = agent.skills if self.skills is None else self.skills
+        tools = [tool_definition(s) for s in offered] or None
+        skills = {s.name: s for s in offered}
         context = SkillContext(agent_id=agent.id, agent_name=agent.name, request_id=self.request_id)
         conversation = list(self.messages)
         models = [agent.model, *agent.fallback_models]

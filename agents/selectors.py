@@ -35,13 +35,18 @@ class AgentSpec:
     enabled: bool
     skills: tuple[SkillSpec, ...] = field(default=())
     metadata: dict = field(default_factory=dict)
+    rate_limit_rpm: int | None = None
+    mask_transcripts: bool = False
+    block_prompt_injection: bool = False
 
     def as_dict(self) -> dict:
         return {"id": self.id, "name": self.name, "description": self.description, "model": self.model,
                 "system_prompt": self.system_prompt, "temperature": self.temperature,
                 "max_tokens": self.max_tokens, "fallback_models": list(self.fallback_models),
                 "timeout_seconds": self.timeout_seconds, "enabled": self.enabled,
-                "skills": [s.as_dict() for s in self.skills], "metadata": self.metadata}
+                "skills": [s.as_dict() for s in self.skills], "metadata": self.metadata,
+                "rate_limit_rpm": self.rate_limit_rpm, "mask_transcripts": self.mask_transcripts,
+                "block_prompt_injection": self.block_prompt_injection}
 
     @classmethod
     def from_dict(cls, d: dict) -> "AgentSpec":
@@ -49,7 +54,9 @@ class AgentSpec:
                    system_prompt=d["system_prompt"], temperature=d["temperature"], max_tokens=d["max_tokens"],
                    fallback_models=tuple(d["fallback_models"]), timeout_seconds=d["timeout_seconds"],
                    enabled=d["enabled"], skills=tuple(SkillSpec.from_dict(s) for s in d["skills"]),
-                   metadata=d.get("metadata") or {})
+                   metadata=d.get("metadata") or {}, rate_limit_rpm=d.get("rate_limit_rpm"),
+                   mask_transcripts=bool(d.get("mask_transcripts")),
+                   block_prompt_injection=bool(d.get("block_prompt_injection")))
 
 
 def agent_cache_key(name: str) -> str:
@@ -66,7 +73,9 @@ def agent_spec_from_model(agent: Agent) -> AgentSpec:
     return AgentSpec(id=agent.pk, name=agent.name, description=agent.description, model=agent.model,
                      system_prompt=agent.system_prompt, temperature=agent.temperature, max_tokens=agent.max_tokens,
                      fallback_models=tuple(agent.fallback_models or ()), timeout_seconds=agent.timeout_seconds,
-                     enabled=agent.enabled, skills=skills, metadata=agent.metadata or {})
+                     enabled=agent.enabled, skills=skills, metadata=agent.metadata or {},
+                     rate_limit_rpm=agent.rate_limit_rpm, mask_transcripts=agent.mask_transcripts,
+                     block_prompt_injection=agent.block_prompt_injection)
 
 
 def agents_with_skills():

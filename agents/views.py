@@ -16,7 +16,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from agentplatform.asyncviews import AsyncAPIView, parse_json_body, require_principal
+from agentplatform.asyncviews import AsyncAPIView, client_ip, parse_json_body, require_principal, with_headers
 from agentplatform.errors import NotFound
 from governance.selectors import presented_key
 
@@ -131,11 +131,11 @@ class ChatView(AsyncAPIView):
         turn = ChatTurn(principal=principal, agent=agent, input_messages=data["input_messages"],
                         transport="sse" if data["stream"] else "rest", stream=data["stream"],
                         request_id=request.request_id, session_id=data.get("session_id"),
-                        metadata=data.get("metadata") or {})
+                        metadata=data.get("metadata") or {}, client_ip=client_ip(request))
         await turn.prepare()
         if not data["stream"]:
-            return JsonResponse(await chat_complete(turn))
-        return sse_response(turn)
+            return with_headers(JsonResponse(await chat_complete(turn)), turn.response_headers)
+        return with_headers(sse_response(turn), turn.response_headers)
 
 
 def sse_response(turn: ChatTurn) -> StreamingHttpResponse:

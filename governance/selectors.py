@@ -35,8 +35,14 @@ def _entry_from_db(prefix: str) -> dict:
         "role": api_key.role,
         "hash": api_key.secret_hash,
         "agents": sorted(a.name for a in api_key.agents.all()) or None,
+        "skills": sorted(api_key.allowed_skills) or None,
+        "rpm": api_key.rate_limit_rpm,
+        "tpm": api_key.rate_limit_tpm,
         "active": api_key.enabled and api_key.revoked_at is None,
         "expires": api_key.expires_at.timestamp() if api_key.expires_at else None,
+        "prev_hash": api_key.previous_secret_hash or None,
+        "prev_expires": (api_key.previous_secret_expires_at.timestamp()
+                         if api_key.previous_secret_expires_at else None),
     }
 
 
@@ -53,15 +59,24 @@ def principal_from_entry(entry: dict | None, presented: str) -> Principal | None
     """Check a presented key against its cache entry; None when it does not authenticate."""
     if not entry or entry.get("missing"):
         return None
-    if not hmac.compare_digest(entry["hash"], hash_secret(presented)):
+    presented_hash = hash_secret(presented)
+    now = time.time()
+    current = hmac.compare_digest(entry["hash"], presented_hash)
+    # The previous secret of a rotated key works until its grace period ends.
+    previous = (entry.get("prev_hash") is not None and entry.get("prev_expires") is not None
+                and hmac.compare_digest(entry["prev_hash"], presented_hash) and entry["prev_expires"] > now)
+    if not (current or previous):
         return None
     if not entry["active"]:
         return None
-    if entry["expires"] is not None and entry["expires"] <= time.time():
+    if entry["expires"] is not None and entry["expires"] <= now:
         return None
     agents = entry["agents"]
+    skills = entry.get("skills")
     return Principal(key_id=entry["id"], prefix=entry["prefix"], name=entry["name"], role=entry["role"],
-                     agents=frozenset(agents) if agents is not None else None)
+                     agents=frozenset(agents) if agents is not None else None,
+                     skills=frozenset(skills) if skills is not None else None,
+                     rate_limit_rpm=entry.get("rpm"), rate_limit_tpm=entry.get("tpm"))
 
 
 def principal_for_key(presented: str) -> Principal | None:
