@@ -286,7 +286,9 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # Every record is masked (e-mail addresses, phone numbers, keys, tokens, card numbers).
+    "filters": {"mask": {"()": "governance.masking.MaskingFilter"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["mask"]}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.request": {"level": "ERROR"},
@@ -305,4 +307,16 @@ AUTH_PASSWORD_VALIDATORS = [
 
 # Pipeline stages around every chat turn (dotted paths; see agents/pipeline.py). Governance and
 # billing register theirs here.
-AGENT_PIPELINE_STAGES: list[str] = []
+AGENT_PIPELINE_STAGES: list[str] = [
+    "governance.guards.InputGuardStage",
+    "governance.flags.FeatureFlagStage",
+    "governance.ratelimit.RateLimitStage",
+    "governance.audit.AuditStage",
+    "governance.keys.KeyUsageStage",
+]
+
+# --- Governance ---------------------------------------------------------------------------
+# How long an Idempotency-Key's stored response is replayed.
+IDEMPOTENCY_TTL_SECONDS = env.int("IDEMPOTENCY_TTL_SECONDS", default=24 * 3600)
+# Grace period of a rotated key's previous secret, unless the rotation says otherwise.
+API_KEY_ROTATION_GRACE_SECONDS = env.int("API_KEY_ROTATION_GRACE_SECONDS", default=24 * 3600)

@@ -2,7 +2,7 @@
 
 from django.contrib import admin
 from django.contrib.admin.views.decorators import staff_member_required
-from django.urls import path
+from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.authentication import SessionAuthentication
 
@@ -25,6 +25,7 @@ urlpatterns = [
     path("api/v1/agents/<str:name>/chat", views.ChatView.as_view(), name="agent-chat"),
     path("api/v1/sessions", views.SessionListView.as_view(), name="session-list"),
     path("api/v1/sessions/<uuid:session_id>", views.SessionDetailView.as_view(), name="session-detail"),
+    path("api/v1/", include("governance.urls")),
     path("v1/chat/completions", openai_views.ChatCompletionsView.as_view(), name="openai-chat-completions"),
     path("v1/models", openai_views.ModelListView.as_view(), name="openai-models"),
     path("v1/models/<str:name>", openai_views.ModelDetailView.as_view(), name="openai-model"),

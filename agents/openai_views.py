@@ -18,6 +18,7 @@ from rest_framework.views import APIView
 
 from agentplatform.asyncviews import AsyncAPIView, client_ip, parse_json_body, require_principal, with_headers
 from agentplatform.errors import InvalidRequest, NotFound, PlatformError
+from governance.idempotency import idempotent
 from governance.selectors import presented_key
 
 from .pipeline import ChatTurn, authorize_agent, chat_complete, principal_and_agent
@@ -184,6 +185,9 @@ class ChatCompletionsView(AsyncAPIView):
         name = body.get("model") if isinstance(body.get("model"), str) else None
         principal, agent = await principal_and_agent(presented_key(request.headers), name)
         require_principal(principal)
+        return await idempotent(request, principal, lambda: self._complete(request, principal, agent, body))
+
+    async def _complete(self, request, principal, agent, body):
         data = validate_chat_completion(body)
         try:
             agent = authorize_agent(principal, agent, data["model"])

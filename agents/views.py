@@ -18,6 +18,7 @@ from rest_framework.views import APIView
 
 from agentplatform.asyncviews import AsyncAPIView, client_ip, parse_json_body, require_principal, with_headers
 from agentplatform.errors import NotFound
+from governance.idempotency import idempotent
 from governance.selectors import presented_key
 
 from . import services
@@ -125,6 +126,9 @@ class ChatView(AsyncAPIView):
         principal, agent = await principal_and_agent(key, name)
         require_principal(principal)
         agent = authorize_agent(principal, agent, name)
+        return await idempotent(request, principal, lambda: self._chat(request, principal, agent))
+
+    async def _chat(self, request, principal, agent):
         serializer = ChatRequestSerializer(data=parse_json_body(request))
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data

@@ -17,8 +17,8 @@ from django.template.defaultfilters import pluralize
 from django.utils import timezone
 from django.utils.html import format_html
 
-from .models import ApiKey
-from .services import api_key_create, api_key_revoke
+from ..models import ApiKey
+from ..services import api_key_create, api_key_revoke
 
 
 def api_key_status(key: ApiKey) -> str:

@@ -1,0 +1,1 @@
+"""Audit log pages: read-only (filled in by the audit work)."""

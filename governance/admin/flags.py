@@ -1,0 +1,1 @@
+"""Feature flag pages (filled in by the flags work)."""

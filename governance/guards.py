@@ -1,0 +1,5 @@
+"""Input guards: prompt-injection heuristic (filled in by the guards work)."""
+
+
+class InputGuardStage:
+    pass

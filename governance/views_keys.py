@@ -1,0 +1,1 @@
+"""Admin REST API for API keys (filled in by the keys work)."""
