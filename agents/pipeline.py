@@ -37,6 +37,7 @@ from django.utils.module_loading import import_string
 from agentplatform.cache import cache_get_many
 from agentplatform.db import run_db, write_db
 from agentplatform.errors import NotFound, PlatformError
+from governance.masking import mask_text
 from governance.principal import Principal
 from governance.selectors import api_key_cache_key, api_key_entry, principal_from_entry
 from governance.services import split_key
@@ -221,8 +222,11 @@ class ChatTurn:
                                      "estimated": not c.usage.reported} for c in run.calls]},
             )
             if session is not None:
-                rows = [Message(session=session, run_id=self.run_id, role=m["role"], content=_text(m.get("content")),
-                                created_at=self.started_at) for m in self.input_messages]
+                # Agents set to mask transcripts store messages with PII and secrets masked.
+                clean = mask_text if self.agent.mask_transcripts else _same
+                rows = [Message(session=session, run_id=self.run_id, role=m["role"],
+                                content=clean(_text(m.get("content"))), created_at=self.started_at)
+                        for m in self.input_messages]
                 produced = list(run.produced)
                 partial = run.partial_output[len(run.output):] if self.status != Run.Status.SUCCEEDED else ""
                 if partial:
@@ -230,7 +234,7 @@ class ChatTurn:
                 for index, m in enumerate(produced):
                     is_last = index == len(produced) - 1
                     rows.append(Message(
-                        session=session, run_id=self.run_id, role=m["role"], content=m.get("content") or "",
+                        session=session, run_id=self.run_id, role=m["role"], content=clean(m.get("content") or ""),
                         tool_calls=m.get("tool_calls") or [], tool_call_id=m.get("tool_call_id", ""),
                         name=m.get("name", ""), created_at=now,
                         prompt_tokens=run.usage.prompt_tokens if is_last else 0,
@@ -254,6 +258,10 @@ class ChatTurn:
             "usage": run.usage.as_dict(),
             "latency_ms": self.latency_ms,
         }
+
+
+def _same(text: str) -> str:
+    return text
 
 
 def _text(content) -> str:
