@@ -278,6 +278,13 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # Several fields are called `role` with different choices: name each set.
+    "ENUM_NAME_OVERRIDES": {
+        "ApiKeyRoleEnum": ["admin", "developer", "client"],
+        "MessageRoleEnum": "agents.models.Message.Role",
+        "InputMessageRoleEnum": ["system", "user", "assistant"],
+        "OpenAIMessageRoleEnum": ["system", "developer", "user", "assistant", "tool"],
+    },
 }
 
 # --- Logging ------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ agents.api_views' own async path over the same selectors)."""
 
 from __future__ import annotations
 
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework.authentication import BaseAuthentication
 
 from agentplatform.errors import AuthenticationFailed
@@ -22,3 +23,14 @@ class ApiKeyAuthentication(BaseAuthentication):
 
     def authenticate_header(self, request) -> str:
         return 'Bearer realm="api"'
+
+
+class ApiKeyScheme(OpenApiAuthenticationExtension):
+    """Documents API-key authentication in the OpenAPI schema (drf-spectacular)."""
+
+    target_class = "governance.authentication.ApiKeyAuthentication"
+    name = "ApiKey"
+
+    def get_security_definition(self, auto_schema):
+        return {"type": "http", "scheme": "bearer", "bearerFormat": "ap_<prefix>_<secret>",
+                "description": "`Authorization: Bearer <key>` (or the header `X-API-Key: <key>`)."}
