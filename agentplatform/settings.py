@@ -280,7 +280,7 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
     # Several fields are called `role` with different choices: name each set.
     "ENUM_NAME_OVERRIDES": {
-        "ApiKeyRoleEnum": ["admin", "developer", "client"],
+        "ApiKeyRoleEnum": "governance.models.ApiKey.Role",
         "MessageRoleEnum": "agents.models.Message.Role",
         "InputMessageRoleEnum": ["system", "user", "assistant"],
         "OpenAIMessageRoleEnum": ["system", "developer", "user", "assistant", "tool"],
