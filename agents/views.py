@@ -19,6 +19,8 @@ from rest_framework.views import APIView
 from agentplatform.asyncviews import AsyncAPIView, client_ip, parse_json_body, require_principal, with_headers
 from agentplatform.errors import NotFound
 from governance.idempotency import idempotent
+from governance.models import ApiKey
+from governance.permissions import owned_by_key
 from governance.selectors import presented_key
 
 from . import services
@@ -81,9 +83,11 @@ def _visible_agent(request: Request, name: str):
 
 
 class AgentDetailView(APIView):
-    @extend_schema(responses={200: AgentDetailSerializer, 404: ERRORS[404]})
+    @extend_schema(responses={200: AgentDetailSerializer, 404: ERRORS[404]},
+                   description="The system prompt and metadata are shown to developer and admin keys only.")
     def get(self, request: Request, name: str) -> Response:
-        return Response(_agent_payload(_visible_agent(request, name), detail=True))
+        detail = request.user.role in (ApiKey.Role.ADMIN, ApiKey.Role.DEVELOPER)
+        return Response(_agent_payload(_visible_agent(request, name), detail=detail))
 
 
 class AgentHealthView(APIView):
@@ -162,10 +166,7 @@ def sse_response(turn: ChatTurn) -> StreamingHttpResponse:
 
 
 def _sessions_of(principal):
-    queryset = Session.objects.select_related("agent").annotate(message_count=Count("messages"))
-    if not principal.is_admin:
-        queryset = queryset.filter(api_key_id=principal.key_id)
-    return queryset
+    return owned_by_key(Session.objects.select_related("agent").annotate(message_count=Count("messages")), principal)
 
 
 class SessionListView(generics.GenericAPIView):

@@ -8,6 +8,7 @@ from rest_framework.authentication import BaseAuthentication
 
 from agentplatform.errors import AuthenticationFailed
 
+from .keys import key_used
 from .selectors import presented_key, principal_for_key
 
 
@@ -19,6 +20,7 @@ class ApiKeyAuthentication(BaseAuthentication):
         principal = principal_for_key(key)
         if principal is None:
             raise AuthenticationFailed("The API key is not valid, or it has been revoked or has expired.")
+        key_used(principal)  # last_used_at, at most once a minute per key
         return principal, key
 
     def authenticate_header(self, request) -> str:

@@ -1,25 +1,40 @@
-"""API-key rules: creation (secret shown once), revocation, and the principal a request carries.
+"""API-key rules: creation (secret shown once), rotation, revocation, updates.
 
 Key format: `ap_<prefix>_<secret>`. The prefix (12 hex chars) is not secret: it identifies the
 key in the admin, logs and audit entries and is how a presented key is looked up. Only the
 sha256 of the whole key is stored; sha256 suffices because the secret is 256 random bits,
 so there is nothing to brute-force that a slow hash would protect.
+
+Every change goes through `model.save()` (or the M2M manager) so that governance.signals drops
+the key's entry from the shared cache: the next request on any worker reads the new state.
+Every change writes its audit entry in the same transaction; audit details name the key by
+its prefix and never carry a secret or a hash.
+
+Actors are "user:<username>" (the Django admin), "key:<prefix>" (the admin REST API) or
+"system" (management commands, fixtures).
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from agentplatform.errors import InvalidRequest
+from agentplatform.errors import Conflict, InvalidRequest
 
 from .models import ApiKey
 
 KEY_PREFIX = "ap_"
+# A rotation's grace period is capped: an "old" secret that lives for months is no rotation.
+MAX_GRACE_SECONDS = 30 * 24 * 3600
+# What api_key_update may change; the secret, prefix and state timestamps have their own services.
+UPDATABLE_FIELDS = frozenset({"name", "role", "agents", "allowed_skills", "rate_limit_rpm", "rate_limit_tpm",
+                              "expires_at", "enabled"})
 
 
 def hash_secret(key: str) -> str:
@@ -36,9 +51,80 @@ def split_key(key: str) -> str | None:
     return prefix
 
 
+def user_actor(user: Any) -> str:
+    """How audit entries name a signed-in staff user."""
+    return f"user:{user.get_username()}"
+
+
 def _new_key() -> tuple[str, str]:
     prefix = secrets.token_hex(6)
-    return prefix, f"{KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
+    return prefix, _new_secret(prefix)
+
+
+def _new_secret(prefix: str) -> str:
+    return f"{KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
+
+
+def _audit(*, actor: str, action: str, api_key: ApiKey, details: dict, request_id: str,
+           client_ip: str | None) -> None:
+    # Imported here: the audit module may read keys through the selectors, which import this module.
+    from .audit import audit_record
+
+    audit_record(actor=actor, action=action, target=f"api_key:{api_key.prefix}", outcome="success",
+                 details={"prefix": api_key.prefix, "name": api_key.name, **details},
+                 request_id=request_id or "", client_ip=client_ip)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _shown(value: Any) -> Any:
+    return _iso(value) if isinstance(value, datetime) else value
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip() or len(name) > 100:
+        raise InvalidRequest("name must be 1-100 characters.", param="name")
+    return name
+
+
+def _check_role(role: Any) -> str:
+    if role not in ApiKey.Role.values:
+        raise InvalidRequest(f"role must be one of {', '.join(ApiKey.Role.values)}.", param="role")
+    return role
+
+
+def _check_limit(value: Any, param: str) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise InvalidRequest(f"{param} must be a positive integer or null.", param=param)
+    return value
+
+
+def _agents_named(names: list[str] | None) -> list:
+    from agents.models import Agent
+
+    if not names:
+        return []
+    agents = list(Agent.objects.filter(name__in=names))
+    missing = sorted(set(names) - {a.name for a in agents})
+    if missing:
+        raise InvalidRequest(f"Unknown agents: {', '.join(missing)}.", param="agents")
+    return agents
+
+
+def _skills_named(names: list[str] | None) -> list[str]:
+    from agents.models import Skill
+
+    if not names:
+        return []
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise InvalidRequest("allowed_skills must be a list of skill names.", param="allowed_skills")
+    known = set(Skill.objects.filter(name__in=names).values_list("name", flat=True))
+    missing = sorted(set(names) - known)
+    if missing:
+        raise InvalidRequest(f"Unknown skills in allowed_skills: {', '.join(missing)}.", param="allowed_skills")
+    return sorted(set(names))
 
 
 @transaction.atomic
@@ -47,34 +133,162 @@ def api_key_create(
     name: str,
     role: str,
     agent_names: list[str] | None = None,
+    allowed_skills: list[str] | None = None,
+    rate_limit_rpm: int | None = None,
+    rate_limit_tpm: int | None = None,
     expires_at: datetime | None = None,
     created_by=None,
+    actor: str = "system",
+    request_id: str = "",
+    client_ip: str | None = None,
 ) -> tuple[ApiKey, str]:
     """Create a key; returns it and the full secret, which is never retrievable again."""
-    from agents.models import Agent
-
-    if role not in ApiKey.Role.values:
-        raise InvalidRequest(f"role must be one of {', '.join(ApiKey.Role.values)}.", param="role")
-    if not name or len(name) > 100:
-        raise InvalidRequest("name must be 1-100 characters.", param="name")
-    agents = []
-    if agent_names:
-        agents = list(Agent.objects.filter(name__in=agent_names))
-        missing = sorted(set(agent_names) - {a.name for a in agents})
-        if missing:
-            raise InvalidRequest(f"Unknown agents: {', '.join(missing)}.", param="agents")
+    _check_role(role)
+    _check_name(name)
+    _check_limit(rate_limit_rpm, "rate_limit_rpm")
+    _check_limit(rate_limit_tpm, "rate_limit_tpm")
+    agents = _agents_named(agent_names)
+    skills = _skills_named(allowed_skills)
     prefix, key = _new_key()
     api_key = ApiKey.objects.create(name=name, role=role, prefix=prefix, secret_hash=hash_secret(key),
-                                    expires_at=expires_at, created_by=created_by)
+                                    allowed_skills=skills, rate_limit_rpm=rate_limit_rpm,
+                                    rate_limit_tpm=rate_limit_tpm, expires_at=expires_at, created_by=created_by)
     if agents:
         api_key.agents.set(agents)
+    _audit(actor=actor, action="api_key.created", api_key=api_key, request_id=request_id, client_ip=client_ip,
+           details={"role": role, "agents": sorted(a.name for a in agents), "allowed_skills": skills,
+                    "rate_limit_rpm": rate_limit_rpm, "rate_limit_tpm": rate_limit_tpm,
+                    "expires_at": _iso(expires_at)})
     return api_key, key
 
 
 @transaction.atomic
-def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
-    """Revoke a key: every worker refuses it from its next request (the cache entry is dropped on save)."""
-    if api_key.revoked_at is None:
-        api_key.revoked_at = timezone.now()
-        api_key.save(update_fields=["revoked_at"])
+def api_key_rotate(
+    *,
+    api_key: ApiKey,
+    grace_seconds: int | None = None,
+    actor: str,
+    request_id: str = "",
+    client_ip: str | None = None,
+) -> tuple[ApiKey, str]:
+    """Give the key a new secret; returns the key and the new secret (shown once).
+
+    The new secret works at once. The one it replaces keeps working until now + grace_seconds
+    (default settings.API_KEY_ROTATION_GRACE_SECONDS); grace 0 stops it at once. A key keeps
+    one previous secret: rotating again within the grace period makes the secret just
+    replaced the previous one, and the secret before it stops working at once.
+    """
+    if grace_seconds is None:
+        grace_seconds = settings.API_KEY_ROTATION_GRACE_SECONDS
+    if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, int) or not (
+            0 <= grace_seconds <= MAX_GRACE_SECONDS):
+        raise InvalidRequest(f"grace_seconds must be an integer from 0 to {MAX_GRACE_SECONDS}.",
+                             param="grace_seconds")
+    # Locked: two concurrent rotations must not both demote the same secret.
+    locked = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    if locked.revoked_at is not None:
+        raise Conflict("A revoked key cannot be rotated.", code="api_key_revoked")
+    now = timezone.now()
+    dropped_previous = bool(locked.previous_secret_hash and locked.previous_secret_expires_at
+                            and locked.previous_secret_expires_at > now)
+    secret = _new_secret(locked.prefix)
+    if grace_seconds > 0:
+        locked.previous_secret_hash = locked.secret_hash
+        locked.previous_secret_expires_at = now + timedelta(seconds=grace_seconds)
+    else:
+        locked.previous_secret_hash = ""
+        locked.previous_secret_expires_at = None
+    locked.secret_hash = hash_secret(secret)
+    locked.rotated_at = now
+    locked.save(update_fields=["secret_hash", "previous_secret_hash", "previous_secret_expires_at", "rotated_at"])
+    _audit(actor=actor, action="api_key.rotated", api_key=locked, request_id=request_id, client_ip=client_ip,
+           details={"grace_seconds": grace_seconds,
+                    "previous_secret_expires_at": _iso(locked.previous_secret_expires_at),
+                    # An earlier secret still in its grace period stopped working with this rotation.
+                    "ended_earlier_grace": dropped_previous})
+    _copy_state(locked, api_key)
+    return api_key, secret
+
+
+@transaction.atomic
+def api_key_revoke(
+    *,
+    api_key: ApiKey,
+    actor: str = "system",
+    request_id: str = "",
+    client_ip: str | None = None,
+) -> ApiKey:
+    """Revoke a key: every secret of it (current and previous) stops working on every worker from
+    its next request (the save drops the shared cache entry). Revoking a revoked key changes nothing."""
+    locked = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    if locked.revoked_at is None:
+        locked.revoked_at = timezone.now()
+        # The cached entry refuses a revoked key whatever secret it shows; dropping the previous
+        # secret as well leaves nothing that could authenticate, should the key ever be re-enabled.
+        locked.previous_secret_hash = ""
+        locked.previous_secret_expires_at = None
+        locked.save(update_fields=["revoked_at", "previous_secret_hash", "previous_secret_expires_at"])
+        _audit(actor=actor, action="api_key.revoked", api_key=locked, request_id=request_id, client_ip=client_ip,
+               details={"revoked_at": _iso(locked.revoked_at)})
+    _copy_state(locked, api_key)
     return api_key
+
+
+@transaction.atomic
+def api_key_update(
+    *,
+    api_key: ApiKey,
+    fields: dict[str, Any],
+    actor: str,
+    request_id: str = "",
+    client_ip: str | None = None,
+) -> ApiKey:
+    """Change a key's name, role, agents (names; empty = all), allowed_skills (empty = all),
+    rate limits, expires_at or enabled. Unknown fields are refused; unchanged values are not audited."""
+    unknown = sorted(set(fields) - UPDATABLE_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"Unknown or read-only field: {unknown[0]}.", param=unknown[0])
+    locked = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    changed: dict[str, Any] = {}
+    columns: list[str] = []
+    for field, value in fields.items():
+        if field == "agents":
+            continue
+        if field == "name":
+            value = _check_name(value)
+        elif field == "role":
+            value = _check_role(value)
+        elif field in ("rate_limit_rpm", "rate_limit_tpm"):
+            value = _check_limit(value, field)
+        elif field == "allowed_skills":
+            value = _skills_named(value)
+        elif field == "enabled":
+            if not isinstance(value, bool):
+                raise InvalidRequest("enabled must be true or false.", param="enabled")
+        before = getattr(locked, field)
+        if before != value:
+            setattr(locked, field, value)
+            columns.append(field)
+            changed[field] = {"from": _shown(before), "to": _shown(value)}
+    if columns:
+        locked.save(update_fields=columns)
+    if "agents" in fields:
+        agents = _agents_named(fields["agents"])
+        before = sorted(locked.agents.values_list("name", flat=True))
+        after = sorted(a.name for a in agents)
+        if before != after:
+            locked.agents.set(agents)  # m2m_changed drops the cache entry
+            changed["agents"] = {"from": before, "to": after}
+    if changed:
+        _audit(actor=actor, action="api_key.updated", api_key=locked, request_id=request_id, client_ip=client_ip,
+               details={"changed": changed})
+    _copy_state(locked, api_key)
+    return api_key
+
+
+def _copy_state(source: ApiKey, target: ApiKey) -> None:
+    """Let the caller's instance reflect what was stored (they may be the same object)."""
+    if source is target:
+        return
+    for field in ApiKey._meta.concrete_fields:
+        setattr(target, field.attname, getattr(source, field.attname))

@@ -94,8 +94,9 @@ async def test_it_needs_a_key_to_list_agents(agents):
     assert_error(await Api().get("/api/v1/agents"), 401, "invalid_api_key")
 
 
-async def test_it_shows_an_agent(agents, key):
-    response = await Api(key).get("/api/v1/agents/demo")
+async def test_it_shows_an_agent(agents, make_key):
+    developer = await orm(make_key, role="developer")
+    response = await Api(developer).get("/api/v1/agents/demo")
 
     assert response.status_code == 200
     body = response.json()
@@ -104,6 +105,15 @@ async def test_it_shows_an_agent(agents, key):
     assert body["metadata"] == {}
     assert body["fallback_models"] == []
     assert body["skills"] == []
+
+
+async def test_it_keeps_the_system_prompt_from_client_keys(agents, key):
+    response = await Api(key).get("/api/v1/agents/demo")
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["name"] == "demo"
+    assert "system_prompt" not in body and "metadata" not in body
 
 
 @pytest.mark.parametrize("name", ["nope", "off", "calc"])
@@ -564,8 +574,8 @@ async def test_it_answers_malformed_session_ids_with_a_json_404(key):
 # --- dynamic agents -----------------------------------------------------------------------
 
 
-async def test_it_uses_an_agents_new_settings_without_a_restart(agents, key, openai_settings):
-    api = Api(key)
+async def test_it_uses_an_agents_new_settings_without_a_restart(agents, make_key, openai_settings):
+    api = Api(await orm(make_key, role="developer"))
     assert (await api.post(CHAT.format("demo"), {"message": "hi"})).json()["output"] == "You said: hi"
     assert (await api.get("/api/v1/agents/demo")).json()["system_prompt"] == "Be brief."
 
