@@ -144,7 +144,13 @@ else:
             },
         }
     }
-DATABASES["default"]["TEST"] = {"NAME": env.str("TEST_DATABASE_NAME", default="") or None}
+# Tests on SQLite use a file, not Django's shared in-memory database: that one refuses
+# concurrent writers (table locks, no busy timeout) where the chat path's database threads write
+# concurrently by design, as they do on the file database in production.
+_test_name = env.str("TEST_DATABASE_NAME", default="")
+if not _test_name and DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    _test_name = str(VAR_DIR / "test.sqlite3")
+DATABASES["default"]["TEST"] = {"NAME": _test_name or None}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Threads that run the chat path's ORM work (agentplatform.db), each with its own connection.
 DB_THREADS = env.int("DB_THREADS", default=4)

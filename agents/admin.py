@@ -27,6 +27,7 @@ from django.utils.html import format_html
 from django.utils.http import urlencode
 from django.utils.text import Truncator
 
+from governance.audit import AuditedAdminMixin
 from governance.models import ApiKey
 
 from .models import Agent, AgentSkill, Document, Message, Run, Session, Skill
@@ -103,7 +104,7 @@ def _set_enabled(queryset: QuerySet, enabled: bool) -> int:
 
 
 @admin.register(Skill)
-class SkillAdmin(PrettyJSONMixin, admin.ModelAdmin):
+class SkillAdmin(AuditedAdminMixin, PrettyJSONMixin, admin.ModelAdmin):
     list_display = ["name", "kind", "enabled", "agent_count", "updated_at"]
     list_filter = ["kind", "enabled"]
     search_fields = ["name", "description"]
@@ -152,7 +153,7 @@ class AgentSkillInline(admin.TabularInline):
 
 
 @admin.register(Agent)
-class AgentAdmin(PrettyJSONMixin, admin.ModelAdmin):
+class AgentAdmin(AuditedAdminMixin, PrettyJSONMixin, admin.ModelAdmin):
     list_display = ["name", "model", "enabled", "skill_names", "updated_at"]
     list_filter = ["enabled", "model"]
     search_fields = ["name", "description", "system_prompt", "model"]

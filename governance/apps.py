@@ -6,4 +6,4 @@ class GovernanceConfig(AppConfig):
     verbose_name = "Governance"
 
     def ready(self) -> None:
-        from . import signals  # noqa: F401  (cache invalidation on save)
+        from . import audit, flag_signals, signals  # noqa: F401  (cache invalidation, append-only guards, config audit)

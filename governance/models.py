@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.db import models
+from django.db import NotSupportedError, models
 
 
 class ApiKey(models.Model):
@@ -46,6 +46,19 @@ class ApiKey(models.Model):
         return f"{self.name} ({self.prefix})"
 
 
+class AuditLogQuerySet(models.QuerySet):
+    """Bulk writes bypass signals: refuse them (PostgreSQL's trigger refuses them too)."""
+
+    def update(self, **kwargs):
+        raise NotSupportedError("The audit log is append-only.")
+
+    def bulk_update(self, *args, **kwargs):
+        raise NotSupportedError("The audit log is append-only.")
+
+    def bulk_create(self, *args, **kwargs):
+        raise NotSupportedError("Append through governance.audit.audit_record.")
+
+
 class AuditLog(models.Model):
     """Append-only, hash-chained record of every security- or money-relevant event.
 
@@ -72,6 +85,8 @@ class AuditLog(models.Model):
     details = models.JSONField(default=dict, blank=True)
     prev_hash = models.CharField(max_length=64, editable=False)
     hash = models.CharField(max_length=64, unique=True, editable=False)
+
+    objects = AuditLogQuerySet.as_manager()
 
     class Meta:
         ordering = ["-id"]
