@@ -194,7 +194,9 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_BEAT_SCHEDULE: dict = {}
+CELERY_BEAT_SCHEDULE: dict = {
+    "purge-idempotency-records": {"task": "governance.tasks.idempotency_records_purge_task", "schedule": 3600.0},
+}
 
 # --- Static files and templates ---------------------------------------------------------
 STATIC_URL = "/static/"
@@ -331,5 +333,9 @@ AGENT_PIPELINE_STAGES: list[str] = [
 # --- Governance ---------------------------------------------------------------------------
 # How long an Idempotency-Key's stored response is replayed.
 IDEMPOTENCY_TTL_SECONDS = env.int("IDEMPOTENCY_TTL_SECONDS", default=24 * 3600)
+# A retry that arrives while the first request still runs waits this long, then gets 409.
+IDEMPOTENCY_WAIT_SECONDS = env.int("IDEMPOTENCY_WAIT_SECONDS", default=60)
+# A claim still "running" after this long belongs to a dead worker and is taken over.
+IDEMPOTENCY_STALE_SECONDS = env.int("IDEMPOTENCY_STALE_SECONDS", default=600)
 # Grace period of a rotated key's previous secret, unless the rotation says otherwise.
 API_KEY_ROTATION_GRACE_SECONDS = env.int("API_KEY_ROTATION_GRACE_SECONDS", default=24 * 3600)
