@@ -218,8 +218,8 @@ async def test_it_purges_expired_records_from_the_beat_task(agents, key):
     await api.post(CHAT.format("demo"), {"message": "old"}, headers=idem())
     await orm(lambda: IdempotencyRecord.objects.update(expires_at=timezone.now() - timedelta(seconds=1)))
 
-    # The task beat schedules (CELERY_BEAT_SCHEDULE), run as a worker would (eager here).
-    result = await orm(lambda: idempotency_records_purge_task.delay().get())
+    # The task beat schedules (CELERY_BEAT_SCHEDULE), executed in this process.
+    result = await orm(lambda: idempotency_records_purge_task.apply().get())
 
     assert result == 1
     assert await records() == []
