@@ -484,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default="", help="REDIS_URL for the server (default: none, embedded mode)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, SQLite DB)")
     parser.add_argument("--json-only", action="store_true", help="print only the final JSON line")
+    parser.add_argument("--settings", default="",
+                        help="DJANGO_SETTINGS_MODULE of the server (e.g. bench.settings_without_governance)")
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.warmup < 0 or args.rounds < 1 or args.concurrency < 1:
         parser.error("--seconds, --rounds and --concurrency must be positive, --warmup >= 0")
@@ -527,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [PYTHON, "-m", "uvicorn", "--no-access-log", "--log-level", "warning", "--host", "127.0.0.1",
                    "--port", str(port), "agentplatform.asgi:application"]
         server_log = tmp / "server.log"
-        server = procs.start("server", cmd, env, server_log)
+        server_env = dict(env, DJANGO_SETTINGS_MODULE=args.settings) if args.settings else env
+        server = procs.start("server", cmd, server_env, server_log)
         wait_http_ok(port, server, server_log)
         say(f"upstream {fake_url} (pid {fake.pid}), platform http://127.0.0.1:{port}/v1 (pid {server.pid})")
 
