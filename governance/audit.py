@@ -233,7 +233,35 @@ def _lock_chain() -> None:
 
 def audit_head() -> str:
     """The hash of the newest entry (GENESIS_HASH for an empty log)."""
-    return AuditLog.objects.order_by("-id").values_list("hash", flat=True).first() or GENESIS_HASH
+    with connection.cursor() as cursor:
+        cursor.execute(_HEAD_SQL)
+        row = cursor.fetchone()
+    return row[0] if row else GENESIS_HASH
+
+
+# The append is on the request path (one per served request), so it skips the ORM's per-save
+# machinery: one indexed read of the head and one INSERT, values prepared by the model's own
+# fields (get_db_prep_save), so they are stored exactly as the ORM would store them.
+_TABLE = AuditLog._meta.db_table
+_HEAD_SQL = f"SELECT hash FROM {_TABLE} ORDER BY id DESC LIMIT 1"
+_COLUMNS = ("timestamp", "actor", "action", "target", "request_id", "client_ip", "outcome", "details", "prev_hash",
+            "hash")
+_FIELDS = [AuditLog._meta.get_field(name) for name in _COLUMNS]
+_INSERT_SQL = (f"INSERT INTO {_TABLE} ({', '.join(f.column for f in _FIELDS)}) "
+               f"VALUES ({', '.join(['%s'] * len(_FIELDS))})")
+
+
+def _insert(entry: AuditLog) -> None:
+    params = [field.get_db_prep_save(getattr(entry, field.attname), connection) for field in _FIELDS]
+    with connection.cursor() as cursor:
+        if connection.features.can_return_columns_from_insert:
+            cursor.execute(_INSERT_SQL + " RETURNING id", params)
+            entry.pk = cursor.fetchone()[0]
+        else:
+            cursor.execute(_INSERT_SQL, params)
+            entry.pk = cursor.lastrowid
+    entry._state.adding = False
+    entry._state.db = connection.alias
 
 
 def audit_record(*, actor: str, action: str, target: str = "", outcome: str = "success", details: dict | None = None,
@@ -259,17 +287,13 @@ def audit_record(*, actor: str, action: str, target: str = "", outcome: str = "s
         entry.hash = entry_hash(prev_hash=entry.prev_hash, timestamp=entry.timestamp, actor=entry.actor,
                                 action=entry.action, target=entry.target, request_id=entry.request_id,
                                 client_ip=entry.client_ip, outcome=entry.outcome, details=entry.details)
-        entry._audit_append = True  # the pre_save guard lets exactly this insert through
-        try:
-            entry.save(force_insert=True)
-        finally:
-            entry._audit_append = False
+        _insert(entry)
     return entry
 
 
 def _refuse_save(sender, instance: AuditLog, **kwargs: Any) -> None:
-    if not getattr(instance, "_audit_append", False) or instance.pk is not None or not instance._state.adding:
-        raise AuditLogAppendOnly()
+    # audit_record appends with its own INSERT; every ORM save is an edit or a forged entry.
+    raise AuditLogAppendOnly()
 
 
 def _refuse_delete(sender, instance: AuditLog, **kwargs: Any) -> None:
