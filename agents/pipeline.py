@@ -37,7 +37,7 @@ from django.utils.module_loading import import_string
 from agentplatform.cache import cache_get_many
 from agentplatform.db import run_db, write_db
 from agentplatform.errors import NotFound, PlatformError
-from governance.masking import mask_text
+from governance.masking import mask_data, mask_text
 from governance.principal import Principal
 from governance.selectors import api_key_cache_key, api_key_entry, principal_from_entry
 from governance.services import split_key
@@ -195,6 +195,8 @@ class ChatTurn:
         assert run is not None
         now = timezone.now()
         error = run.error
+        # Agents set to mask transcripts store messages (and titles, tool arguments) masked.
+        clean = mask_text if self.agent.mask_transcripts else _same
         with transaction.atomic():  # alone, or a savepoint inside write_db's group commit
             session = None
             if self.use_session:
@@ -205,7 +207,7 @@ class ChatTurn:
                     session, _ = Session.objects.get_or_create(
                         pk=self.session_id,
                         defaults={"agent_id": self.agent.id, "api_key_id": self.principal.key_id if self.principal else None,
-                                  "user_id": self.user_id, "title": _title(self.input_messages),
+                                  "user_id": self.user_id, "title": _title(self.input_messages, clean),
                                   "metadata": self.metadata, "last_activity_at": now})
             Run.objects.create(
                 id=self.run_id, agent_id=self.agent.id, session=session,
@@ -222,8 +224,6 @@ class ChatTurn:
                                      "estimated": not c.usage.reported} for c in run.calls]},
             )
             if session is not None:
-                # Agents set to mask transcripts store messages with PII and secrets masked.
-                clean = mask_text if self.agent.mask_transcripts else _same
                 rows = [Message(session=session, run_id=self.run_id, role=m["role"],
                                 content=clean(_text(m.get("content"))), created_at=self.started_at)
                         for m in self.input_messages]
@@ -235,7 +235,8 @@ class ChatTurn:
                     is_last = index == len(produced) - 1
                     rows.append(Message(
                         session=session, run_id=self.run_id, role=m["role"], content=clean(m.get("content") or ""),
-                        tool_calls=m.get("tool_calls") or [], tool_call_id=m.get("tool_call_id", ""),
+                        tool_calls=(mask_data(m.get("tool_calls") or []) if self.agent.mask_transcripts
+                                    else m.get("tool_calls") or []), tool_call_id=m.get("tool_call_id", ""),
                         name=m.get("name", ""), created_at=now,
                         prompt_tokens=run.usage.prompt_tokens if is_last else 0,
                         completion_tokens=run.usage.completion_tokens if is_last else 0))
@@ -270,10 +271,11 @@ def _text(content) -> str:
     return content or ""
 
 
-def _title(messages: list[dict]) -> str:
+def _title(messages: list[dict], clean=_same) -> str:
     for m in messages:
         if m.get("role") == "user":
-            text = " ".join(_text(m.get("content")).split())
+            # Masked before it is cut, so a secret split at the cut cannot slip through.
+            text = " ".join(clean(_text(m.get("content"))).split())
             return text[:80] + ("…" if len(text) > 80 else "")
     return ""
 

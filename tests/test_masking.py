@@ -486,3 +486,22 @@ async def test_it_stores_masked_transcripts_when_the_agent_asks(masked, make_age
     email = "[email]" if masked else "ada@example.com"
     assert stored[0] == ("user", f"mail me at {email}")
     assert stored[-1][0] == "assistant" and email in stored[-1][1]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_it_masks_the_title_and_tool_arguments_of_masked_transcripts(make_agent, make_key):
+    from agents.models import Session
+
+    await orm(make_agent, name="demo", mask_transcripts=True, skills=["http_fetch"])
+    key = await orm(make_key)
+
+    # The offline model calls http_fetch with the URL, which carries a password.
+    response = await Api(key).post("/api/v1/agents/demo/chat",
+                                   {"message": "fetch https://bob:hunter2secret@example.com/x please"})
+
+    assert response.status_code == 200
+    session_id = response.json()["session_id"]
+    title = await orm(lambda: Session.objects.get(pk=session_id).title)
+    calls = await orm(lambda: [m.tool_calls for m in Message.objects.filter(session_id=session_id) if m.tool_calls])
+    assert "hunter2secret" not in title
+    assert calls and "hunter2secret" not in str(calls)
