@@ -5,6 +5,7 @@ cost nothing that matters; the request path never queries for agents in steady s
 from __future__ import annotations
 
 from django.core.cache import cache
+from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_save
 from django.dispatch import receiver
 
@@ -12,10 +13,16 @@ from .models import Agent, AgentSkill, Skill
 from .selectors import agent_cache_key
 
 
+def _forget(keys: list[str]) -> None:
+    """Drop cache entries now and again when the transaction commits: a request that read the
+    old row between the save and the commit may have cached it again meanwhile."""
+    if keys:
+        cache.delete_many(keys)
+        transaction.on_commit(lambda: cache.delete_many(keys))
+
+
 def _forget_agents(names) -> None:
-    names = [n for n in names if n]
-    if names:
-        cache.delete_many([agent_cache_key(n) for n in names])
+    _forget([agent_cache_key(n) for n in names if n])
 
 
 def _forget_keys_of(agent: Agent) -> None:
@@ -23,8 +30,7 @@ def _forget_keys_of(agent: Agent) -> None:
     from governance.selectors import api_key_cache_key
 
     prefixes = list(agent.api_keys.values_list("prefix", flat=True)) if agent.pk else []
-    if prefixes:
-        cache.delete_many([api_key_cache_key(p) for p in prefixes])
+    _forget([api_key_cache_key(p) for p in prefixes])
 
 
 @receiver(pre_save, sender=Agent)

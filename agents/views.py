@@ -2,11 +2,19 @@
 
 The chat view is async end to end (AsyncAPIView); the listing views are plain DRF views —
 they are not the hot path and run the ORM as DRF does.
+
+Agents are written (POST /api/v1/agents, PATCH and DELETE /api/v1/agents/{name}) by developer
+and admin keys only, through agents_load: the API accepts exactly what an agents file accepts,
+with the same validation and "only the keys given change" on update. A key restricted to some
+agents may change those and may not create new ones.
 """
 
 from __future__ import annotations
 
+import re
+
 from django.conf import settings
+from django.db import transaction
 from django.db.models import Count, Q
 from django.http import JsonResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
@@ -17,13 +25,15 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from agentplatform.asyncviews import AsyncAPIView, client_ip, parse_json_body, require_principal, with_headers
-from agentplatform.errors import NotFound
+from agentplatform.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
+from governance.audit import audit_actor
 from governance.idempotency import idempotent
 from governance.models import ApiKey
-from governance.permissions import owned_by_key
+from governance.permissions import ReadOnlyForClients, owned_by_key
 from governance.selectors import presented_key
 
 from . import services
+from .loading import DefinitionsInvalid, agents_load
 from .models import Agent, Session
 from .pipeline import ChatTurn, authorize_agent, chat_complete, principal_and_agent
 from .providers import provider_for
@@ -45,6 +55,13 @@ ERRORS = {
     401: OpenApiResponse(description="Missing or invalid API key."),
     404: OpenApiResponse(description="Unknown or disabled agent, or a session of someone else."),
 }
+WRITE_ERRORS = {
+    400: OpenApiResponse(description="Invalid definition: `error.param` names the first bad field, "
+                                     "`error.details` lists every problem."),
+    401: ERRORS[401],
+    403: OpenApiResponse(description="A client key, or a key restricted to other agents."),
+    404: OpenApiResponse(description="No agent with this name."),
+}
 
 
 def _agent_payload(agent, *, detail: bool = False) -> dict:
@@ -61,9 +78,46 @@ def _agent_payload(agent, *, detail: bool = False) -> dict:
     return data
 
 
-class AgentListView(generics.GenericAPIView):
-    """Agents the caller's key may use."""
+# The loader labels each problem with the entry's position ("agents[0] (name 'x'): model: ..."),
+# which means nothing for a one-agent body; what follows starts with the field, if any.
+_FIELD_RE = re.compile(r"^(?:unknown key '(?P<unknown>[^']+)'|(?P<field>[A-Za-z_]+)(?:\[\d+\])?:)")
 
+
+def _load_one(definition: dict, *, overwrite: bool):
+    """agents_load for one agent; its DefinitionsInvalid becomes a 400 naming the first bad field."""
+    name = definition.get("name")
+    label = f"agents[0] (name {name!r}): " if isinstance(name, str) else "agents[0]: "
+    try:
+        return agents_load(definitions={"agents": [definition]}, overwrite=overwrite)
+    except DefinitionsInvalid as exc:
+        errors = [e[len(label):] if e.startswith(label) else e for e in exc.errors]
+        match = _FIELD_RE.match(errors[0]) if errors else None
+        param = (match.group("unknown") or match.group("field")) if match else None
+        raise InvalidRequest(errors[0] if errors else exc.message, code="invalid_agent", param=param,
+                             details=errors) from None
+
+
+def _definition(request: Request) -> dict:
+    if not isinstance(request.data, dict):
+        raise InvalidRequest("The body must be a JSON object: one agent definition.", code="invalid_agent")
+    return dict(request.data)
+
+
+def _may_change(request: Request, name: str) -> None:
+    if not request.user.may_use_agent(name):
+        raise PermissionDenied(f"This API key may not change the agent {name!r}.", code="agent_not_allowed")
+
+
+def _written_agent(name: str) -> dict:
+    spec = agent_spec(name)
+    assert spec is not None  # just written in this request
+    return _agent_payload(spec, detail=True)
+
+
+class AgentListView(generics.GenericAPIView):
+    """Agents the caller's key may use; developer and admin keys create agents here."""
+
+    permission_classes = [ReadOnlyForClients]
     serializer_class = AgentSerializer
     queryset = Agent.objects.none()
 
@@ -77,17 +131,76 @@ class AgentListView(generics.GenericAPIView):
         page = self.paginate_queryset(queryset)
         return self.get_paginated_response([_agent_payload(agent_spec_from_model(a)) for a in page])
 
+    @extend_schema(request=OpenApiTypes.OBJECT,
+                   responses={201: AgentDetailSerializer, **WRITE_ERRORS,
+                              409: OpenApiResponse(description="An agent with this name exists (maybe disabled).")},
+                   description="Developer or admin key not restricted to some agents. The body is one agent "
+                               "definition as in an agents file: `name`, `model` (required), `description`, "
+                               "`system_prompt`, `temperature`, `max_tokens`, `timeout_seconds`, `enabled`, "
+                               "`metadata`, `skills` (names), `fallback_models`.")
+    def post(self, request: Request) -> Response:
+        if request.user.agents is not None:
+            raise PermissionDenied("An API key restricted to some agents may not create agents.",
+                                   code="agent_not_allowed")
+        definition = _definition(request)
+        name = definition.get("name")
+        conflict = Conflict(f"An agent named {name!r} exists already.", code="agent_exists", param="name")
+        if isinstance(name, str) and Agent.objects.filter(name=name).exists():
+            raise conflict
+        with audit_actor(request.user.actor), transaction.atomic():
+            # overwrite=False: an agent created by someone else since the check above is kept, not replaced.
+            if name in _load_one(definition, overwrite=False).agents_kept:
+                raise conflict
+        return Response(_written_agent(name), status=status.HTTP_201_CREATED)
+
 
 def _visible_agent(request: Request, name: str):
     return authorize_agent(request.user, agent_spec(name), name)
 
 
 class AgentDetailView(APIView):
+    permission_classes = [ReadOnlyForClients]
+
+    def _writable(self, request: Request, name: str) -> Agent:
+        """The agent, enabled or not, locked for the change; 403 or 404 otherwise."""
+        _may_change(request, name)
+        agent = Agent.objects.select_for_update().filter(name=name).first()
+        if agent is None:
+            raise NotFound(f"No agent named {name!r}.", code="agent_not_found", param="agent")
+        return agent
+
     @extend_schema(responses={200: AgentDetailSerializer, 404: ERRORS[404]},
                    description="The system prompt and metadata are shown to developer and admin keys only.")
     def get(self, request: Request, name: str) -> Response:
         detail = request.user.role in (ApiKey.Role.ADMIN, ApiKey.Role.DEVELOPER)
         return Response(_agent_payload(_visible_agent(request, name), detail=detail))
+
+    @extend_schema(request=OpenApiTypes.OBJECT, responses={200: AgentDetailSerializer, **WRITE_ERRORS},
+                   description="Developer or admin key. Only the fields given change (as in an agents file); "
+                               "`skills` replaces the list. A disabled agent can be changed (and re-enabled "
+                               "with `enabled: true`). `name` may be given only unchanged: no renames.")
+    def patch(self, request: Request, name: str) -> Response:
+        with audit_actor(request.user.actor), transaction.atomic():
+            agent = self._writable(request, name)
+            definition = _definition(request)
+            if definition.get("name", name) != name:
+                raise InvalidRequest("Agents cannot be renamed: `name` must be the one in the URL, or left out.",
+                                     code="rename_not_allowed", param="name")
+            # The loader requires `model` in every entry; the current one changes nothing.
+            _load_one({"model": agent.model, **definition, "name": name}, overwrite=True)
+        return Response(_written_agent(name))
+
+    @extend_schema(request=None, responses={204: None, **WRITE_ERRORS},
+                   description="Developer or admin key. Disables the agent (its sessions and runs stay): it is "
+                               "no longer listed or served. Disabling a disabled agent answers 204 too.")
+    def delete(self, request: Request, name: str) -> Response:
+        with audit_actor(request.user.actor), transaction.atomic():
+            agent = self._writable(request, name)
+            if agent.enabled:
+                agent.enabled = False
+                # A save, not update(): the cache-invalidation and audit signals must fire.
+                agent.save(update_fields=["enabled", "updated_at"])
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class AgentHealthView(APIView):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from django.core.cache import cache
+from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
 from django.dispatch import receiver
 
@@ -11,17 +12,25 @@ from .models import ApiKey
 from .selectors import api_key_cache_key
 
 
+def _forget(keys: list[str]) -> None:
+    """Drop cache entries now and again on commit (a request between the save and the commit
+    may have cached the old row again)."""
+    if keys:
+        cache.delete_many(keys)
+        transaction.on_commit(lambda: cache.delete_many(keys))
+
+
 @receiver(post_save, sender=ApiKey)
 @receiver(post_delete, sender=ApiKey)
 def _forget_api_key(sender, instance: ApiKey, **kwargs) -> None:
-    cache.delete(api_key_cache_key(instance.prefix))
+    _forget([api_key_cache_key(instance.prefix)])
 
 
 @receiver(m2m_changed, sender=ApiKey.agents.through)
 def _forget_api_key_agents(sender, instance, action: str, reverse: bool, pk_set, **kwargs) -> None:
     if not reverse:  # api_key.agents.add/remove/clear: instance is the key
         if action.startswith("post_"):
-            cache.delete(api_key_cache_key(instance.prefix))
+            _forget([api_key_cache_key(instance.prefix)])
         return
     # agent.api_keys...: instance is the agent. A clear has no pk_set: read the keys before it.
     if action == "pre_clear":
@@ -30,4 +39,4 @@ def _forget_api_key_agents(sender, instance, action: str, reverse: bool, pk_set,
         prefixes = list(ApiKey.objects.filter(pk__in=pk_set).values_list("prefix", flat=True))
     else:
         return
-    cache.delete_many([api_key_cache_key(p) for p in prefixes])
+    _forget([api_key_cache_key(p) for p in prefixes])
