@@ -210,6 +210,7 @@ class ChatCompletionsView(AsyncAPIView):
                                                      "refusal": None},
                              "finish_reason": turn.run.finish_reason or "stop", "logprobs": None}],
                 "usage": result["usage"],
+                "cost_usd": result["cost_usd"],
                 "system_fingerprint": None,
             }), turn.response_headers)
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))

@@ -12,6 +12,8 @@ each defining any of:
   `async before(turn)`  may raise a PlatformError to refuse the turn before the model is
                         called (rate limit, budget, guard); may narrow `turn.skills` or add
                         `turn.response_headers`;
+  `finished(turn)`      sync, no I/O, when the run ends and before its last event is sent
+                        (billing prices the run here so `done` carries its cost);
   `persist(turn)`       sync, inside the transaction that stores the run, so its rows (audit
                         entry, usage) commit or vanish with the run's own;
   `async after(turn)`   sees the finished (or failed, or cancelled) turn.
@@ -104,6 +106,8 @@ class ChatTurn:
     response_headers: dict = field(default_factory=dict)
     # What stages want to remember between before/persist/after (keyed by stage).
     notes: dict = field(default_factory=dict)
+    # The run's cost in USD (Decimal), set by the billing stage when the run ends.
+    cost_usd: object = None
     run_id: uuid.UUID = field(default_factory=uuid.uuid4)
     started_at: datetime | None = None
     session_exists: bool = False
@@ -162,6 +166,7 @@ class ChatTurn:
                     self.status = Run.Status.FAILED
                 if event["type"] in ("done", "error"):
                     self.latency_ms = int((time.perf_counter() - self._t0) * 1000)
+                    self._run_finished()
                 yield event
             if self.status == Run.Status.RUNNING:
                 self.status = Run.Status.SUCCEEDED
@@ -176,7 +181,20 @@ class ChatTurn:
             # Shielded: a cancelled request must not lose its run record halfway.
             await asyncio.shield(self._finish())
 
+    def _run_finished(self) -> None:
+        if self.notes.get("_finished"):
+            return
+        self.notes["_finished"] = True
+        for stage in _stages():
+            finished = getattr(stage, "finished", None)
+            if finished is not None:
+                try:
+                    finished(self)
+                except Exception:
+                    logger.exception("Pipeline stage %s failed when run %s ended", type(stage).__name__, self.run_id)
+
     async def _finish(self) -> None:
+        self._run_finished()  # a run cut short (client gone) is priced too
         try:
             await write_db(self._persist)
         except Exception:
@@ -257,6 +275,7 @@ class ChatTurn:
             "output": run.output,
             "tool_calls": run.tool_calls,
             "usage": run.usage.as_dict(),
+            "cost_usd": str(self.cost_usd) if self.cost_usd is not None else None,
             "latency_ms": self.latency_ms,
         }
 
