@@ -326,8 +326,10 @@ AGENT_PIPELINE_STAGES: list[str] = [
     "governance.guards.InputGuardStage",
     "governance.flags.FeatureFlagStage",
     "governance.ratelimit.RateLimitStage",
+    "billing.budgets.BudgetStage",
     "governance.audit.AuditStage",
     "governance.keys.KeyUsageStage",
+    "billing.metering.MeteringStage",
 ]
 
 # --- Governance ---------------------------------------------------------------------------
@@ -339,3 +341,22 @@ IDEMPOTENCY_WAIT_SECONDS = env.int("IDEMPOTENCY_WAIT_SECONDS", default=60)
 IDEMPOTENCY_STALE_SECONDS = env.int("IDEMPOTENCY_STALE_SECONDS", default=600)
 # Grace period of a rotated key's previous secret, unless the rotation says otherwise.
 API_KEY_ROTATION_GRACE_SECONDS = env.int("API_KEY_ROTATION_GRACE_SECONDS", default=24 * 3600)
+
+# --- Billing ------------------------------------------------------------------------------
+# USD per 1M tokens for a model without a ModelPrice row; records made with it are flagged
+# priced=False. Decimal strings; a malformed value fails at startup.
+def _decimal_setting(name: str, default: str):
+    from decimal import Decimal, InvalidOperation
+
+    raw = env.str(name, default=default)
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise ImproperlyConfigured(f"{name} must be a decimal number (USD per 1M tokens), not {raw!r}.") from None
+    if not value.is_finite() or value < 0:
+        raise ImproperlyConfigured(f"{name} must be a finite number >= 0, not {raw!r}.")
+    return value
+
+
+BILLING_DEFAULT_INPUT_PER_1M = _decimal_setting("BILLING_DEFAULT_INPUT_PER_1M", "10")
+BILLING_DEFAULT_OUTPUT_PER_1M = _decimal_setting("BILLING_DEFAULT_OUTPUT_PER_1M", "30")

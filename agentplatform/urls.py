@@ -26,6 +26,7 @@ urlpatterns = [
     path("api/v1/sessions", views.SessionListView.as_view(), name="session-list"),
     path("api/v1/sessions/<uuid:session_id>", views.SessionDetailView.as_view(), name="session-detail"),
     path("api/v1/", include("governance.urls")),
+    path("api/v1/", include("billing.urls")),
     path("v1/chat/completions", openai_views.ChatCompletionsView.as_view(), name="openai-chat-completions"),
     path("v1/models", openai_views.ModelListView.as_view(), name="openai-models"),
     path("v1/models/<str:name>", openai_views.ModelDetailView.as_view(), name="openai-model"),

@@ -9,3 +9,7 @@ class BillingConfig(AppConfig):
 
     name = "billing"
     verbose_name = "Billing"
+
+    def ready(self) -> None:
+        # Connects the signals that drop the cached prices when a ModelPrice changes.
+        from . import pricing  # noqa: F401

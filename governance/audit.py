@@ -225,7 +225,10 @@ def _clean_ip(value: str | None) -> str | None:
 # --- appending ---------------------------------------------------------------------------
 
 
-def _lock_chain() -> None:
+def audit_chain_lock() -> None:
+    """Take the chain's lock for the rest of the transaction (PostgreSQL; SQLite's IMMEDIATE
+    transactions already serialize writers). Code that also locks other rows in a transaction
+    that appends (budgets) takes this first, so every such transaction locks in one order."""
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [AUDIT_CHAIN_LOCK])
@@ -280,7 +283,7 @@ def audit_record(*, actor: str, action: str, target: str = "", outcome: str = "s
     )
     # No savepoint of its own: if the insert fails, the change it records must roll back too.
     with transaction.atomic(savepoint=False):
-        _lock_chain()
+        audit_chain_lock()
         entry.prev_hash = audit_head()
         # Taken under the lock: timestamps never go backwards along the chain.
         entry.timestamp = timezone.now()

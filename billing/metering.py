@@ -1,0 +1,114 @@
+"""The metering stage: every model call of every run becomes a UsageRecord with its USD cost.
+
+    before(turn)    loads all prices in one async cache read (a miss: one query, then cached)
+                    into turn.notes, so pricing the run later needs no I/O;
+    finished(turn)  sync, no I/O: prices each call of turn.run.calls and sets turn.cost_usd
+                    (a Decimal, the sum of the calls' rounded costs), so `done` carries it;
+    persist(turn)   inside the run's transaction: one UsageRecord per call (bulk_create), so
+                    the usage commits or vanishes with the run it belongs to.
+
+Failed, cancelled and client-disconnected runs go through finished/persist too (the pipeline
+calls them from its `finally`). Failed calls cost the usage they reported (usually none). A
+stream cut off by the client loses its in-flight call's final usage chunk: the text produced so
+far is counted offline (agents.providers.estimate_tokens) and the record is marked estimated.
+Prices are those in force when the run started.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from decimal import Decimal
+
+from agentplatform.cache import cache_get_many
+from agentplatform.db import run_db
+
+from .pricing import PRICES_CACHE_KEY, Price, Usd, call_cost, price_from, prices_load
+
+NOTE = "billing.metering"
+
+
+@dataclass(frozen=True)
+class MeteredCall:
+    model: str
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+    cost_usd: Decimal
+    estimated: bool
+    priced: bool
+
+
+def metered_calls(turn, prices: list[dict]) -> list[MeteredCall]:
+    """The priced calls of a finished turn (no I/O)."""
+    from agents.models import Run
+
+    run = turn.run
+    at = turn.started_at
+    out: list[MeteredCall] = []
+    calls = list(run.calls)
+    for call in calls:
+        usage = call.usage
+        cached = int(getattr(usage, "cached_prompt_tokens", 0) or 0)
+        out.append(_metered(call.model, usage.prompt_tokens, cached, usage.completion_tokens,
+                            estimated=not usage.reported, price=price_from(prices, call.model, at)))
+    in_flight = run.partial_output[len(run.output):]
+    if turn.status == Run.Status.CANCELLED and not run.finished and run.error is None and in_flight:
+        model = _in_flight_model(turn.agent, calls)
+        prompt, completion = _estimate(run, in_flight)
+        out.append(_metered(model, prompt, 0, completion, estimated=True, price=price_from(prices, model, at)))
+    return out
+
+
+def _metered(model: str, prompt: int, cached: int, completion: int, *, estimated: bool, price: Price) -> MeteredCall:
+    return MeteredCall(model=model, prompt_tokens=prompt, cached_prompt_tokens=cached, completion_tokens=completion,
+                       cost_usd=call_cost(prompt, completion, price, cached_prompt_tokens=cached),
+                       estimated=estimated, priced=price.priced)
+
+
+def _in_flight_model(agent, calls) -> str:
+    # The runtime moves to the next fallback after each failed call and never moves back.
+    models = [agent.model, *agent.fallback_models]
+    return models[min(sum(1 for c in calls if not c.ok), len(models) - 1)]
+
+
+def _estimate(run, text: str) -> tuple[int, int]:
+    from agents.providers.base import estimate_tokens
+
+    # The conversation the in-flight call was sent: the run's messages plus what it added.
+    messages = [*run.messages, *run.produced]
+    prompt = sum(estimate_tokens(json.dumps(m.get("content") or "")) + 4 for m in messages)
+    return prompt, estimate_tokens(text)
+
+
+class MeteringStage:
+    async def before(self, turn) -> None:
+        found = await cache_get_many([PRICES_CACHE_KEY])
+        prices = found.get(PRICES_CACHE_KEY)
+        if prices is None:
+            prices = await run_db(prices_load)
+        turn.notes[NOTE] = {"prices": prices}
+
+    def finished(self, turn) -> None:
+        note = turn.notes.setdefault(NOTE, {"prices": []})
+        calls = metered_calls(turn, note["prices"])
+        note["calls"] = calls
+        turn.cost_usd = Usd(sum((c.cost_usd for c in calls), Decimal("0")).quantize(Decimal("0.00000001")))
+
+    def persist(self, turn) -> None:
+        from .models import UsageRecord
+
+        note = turn.notes.get(NOTE) or {}
+        calls = note.get("calls")
+        if calls is None:
+            return  # the run never ended (finished is called before persist in every path)
+        now = turn.started_at
+        principal = turn.principal
+        UsageRecord.objects.bulk_create([
+            UsageRecord(created_at=now, run_id=turn.run_id, api_key_id=principal.key_id if principal else None,
+                        agent_id=turn.agent.id, model=c.model, session_id=turn.session_id if turn.use_session else None,
+                        request_id=(turn.request_id or "")[:128], variant=str(turn.notes.get("variant") or "")[:100],
+                        prompt_tokens=c.prompt_tokens, cached_prompt_tokens=c.cached_prompt_tokens,
+                        completion_tokens=c.completion_tokens, cost_usd=Decimal(c.cost_usd), estimated=c.estimated,
+                        priced=c.priced)
+            for c in calls])

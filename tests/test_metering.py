@@ -1,0 +1,253 @@
+"""Metering: exact Decimal costs per model call, stored as UsageRecords with the run, and
+`cost_usd` in every response — batch, stream, tool loop, fallback, disconnect, unknown model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
+from decimal import Decimal
+
+import pytest
+from django.utils import timezone
+
+from agents.models import Run
+from billing.models import ModelPrice, UsageRecord
+from billing.pricing import Price, call_cost, price_for
+from conftest import Api, orm, parse_sse
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHAT = "/api/v1/agents/{}/chat"
+EPOCH = datetime(2020, 1, 1, tzinfo=dt_timezone.utc)
+
+
+@pytest.fixture
+def key(make_key) -> str:
+    return make_key()
+
+
+def price(model: str = "openai/gpt-4o-mini", input_per_1m: str = "1.5", output_per_1m: str = "2") -> ModelPrice:
+    return ModelPrice.objects.create(model=model, input_per_1m=Decimal(input_per_1m),
+                                     output_per_1m=Decimal(output_per_1m), effective_from=EPOCH)
+
+
+def expected(prompt: int, completion: int, input_per_1m: str = "1.5", output_per_1m: str = "2") -> Decimal:
+    return ((prompt * Decimal(input_per_1m) + completion * Decimal(output_per_1m)) / Decimal(1_000_000)).quantize(
+        Decimal("0.00000001"))
+
+
+def records() -> list[UsageRecord]:
+    return list(UsageRecord.objects.order_by("id"))
+
+
+# --- arithmetic ---------------------------------------------------------------------------
+
+
+def test_it_prices_one_token_exactly():
+    p = Price(model="m", input_per_1m=Decimal("0.15"), output_per_1m=Decimal("0.60"))
+    assert call_cost(1, 0, p) == Decimal("0.00000015")
+    assert call_cost(0, 1, p) == Decimal("0.00000060")
+    assert str(call_cost(1, 1, p)) == "0.00000075"
+
+
+def test_it_sums_large_counts_without_float_error():
+    p = Price(model="m", input_per_1m=Decimal("2.50"), output_per_1m=Decimal("10.00"))
+    assert call_cost(1_234_567, 1_234_567, p) == Decimal("15.43208750")
+    assert call_cost(1_234_567, 0, Price(model="m", input_per_1m=Decimal("0.15"), output_per_1m=Decimal("0"))) \
+        == Decimal("0.18518505")  # 0.18518505 exactly: 1234567 × 0.15 = 185185.05
+
+
+def test_it_rounds_half_up_at_eight_places():
+    p = Price(model="m", input_per_1m=Decimal("0.005"), output_per_1m=Decimal("0.001"))
+    assert call_cost(1, 0, p) == Decimal("0.00000001")  # 0.000000005 → up
+    assert call_cost(0, 4, p) == Decimal("0.00000000")  # 0.000000004 → down
+
+
+def test_it_prices_cached_prompt_tokens_at_the_cached_price():
+    p = Price(model="m", input_per_1m=Decimal("2"), output_per_1m=Decimal("8"), cached_input_per_1m=Decimal("0.5"))
+    assert call_cost(1000, 100, p, cached_prompt_tokens=400) == Decimal("0.00220000")  # 600×2 + 400×0.5 + 100×8
+    assert call_cost(1000, 0, Price(model="m", input_per_1m=Decimal("2"), output_per_1m=Decimal("8")),
+                     cached_prompt_tokens=400) == Decimal("0.00200000")
+
+
+def test_it_finds_the_newest_price_in_force_and_flags_unknown_models(db, settings):
+    settings.BILLING_DEFAULT_INPUT_PER_1M = Decimal("7")
+    settings.BILLING_DEFAULT_OUTPUT_PER_1M = Decimal("9")
+    now = timezone.now()
+    ModelPrice.objects.create(model="x/m", input_per_1m=1, output_per_1m=1, effective_from=now - timedelta(days=9))
+    ModelPrice.objects.create(model="x/m", input_per_1m=2, output_per_1m=2, effective_from=now - timedelta(days=1))
+    ModelPrice.objects.create(model="x/m", input_per_1m=3, output_per_1m=3, effective_from=now + timedelta(days=1))
+    assert price_for("x/m", now).input_per_1m == 2
+    assert price_for("x/m", now - timedelta(days=5)).input_per_1m == 1
+    unknown = price_for("x/other", now)
+    assert (unknown.input_per_1m, unknown.output_per_1m, unknown.priced) == (Decimal("7"), Decimal("9"), False)
+    # A save drops the cached rows at once.
+    ModelPrice.objects.create(model="x/other", input_per_1m=4, output_per_1m=4, effective_from=now - timedelta(days=1))
+    assert price_for("x/other", now).priced is True
+
+
+def test_it_seeds_list_prices_reversibly(db):
+    """The data migration's functions, run on the current models (a transactional test flushes
+    the seeded rows, so the test seeds them again)."""
+    import importlib
+
+    from django.apps import apps
+
+    migration = importlib.import_module("billing.migrations.0002_seed_model_prices")
+    ModelPrice.objects.all().delete()
+    migration.seed(apps, None)
+    migration.seed(apps, None)  # twice: no duplicates
+    assert ModelPrice.objects.count() == len(json.loads(migration.DATA.read_text())["prices"])
+    assert price_for("openai/gpt-4o-mini").input_per_1m == Decimal("0.15")
+    assert price_for("anthropic/claude-sonnet-4").output_per_1m == Decimal("15")
+    local = price_for("local/demo")
+    assert (local.input_per_1m, local.output_per_1m, local.priced) == (0, 0, True)
+    migration.unseed(apps, None)
+    assert not ModelPrice.objects.exists()
+
+
+# --- metering through the pipeline --------------------------------------------------------
+
+
+async def test_it_meters_a_local_batch_request_at_zero_cost(make_agent, key):
+    await orm(make_agent, name="demo")
+    body = (await Api(key).post(CHAT.format("demo"), {"message": "hello there"})).json()
+
+    assert body["cost_usd"] == "0.00000000"
+    [record] = await orm(records)
+    assert record.model == "local/demo" and record.cost_usd == 0 and record.priced
+    assert record.prompt_tokens == body["usage"]["prompt_tokens"]
+    assert str(record.run_id) == body["id"] and str(record.session_id) == body["session_id"]
+
+
+async def test_it_meters_an_openai_call_at_its_exact_price(make_agent, key, openai_settings):
+    await orm(price)
+    await orm(make_agent, name="gpt", model="openai/gpt-4o-mini")
+    response = await Api(key).post(CHAT.format("gpt"), {"message": "hello world"})
+    body = response.json()
+
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}  # "Echo: hello world"
+    assert body["cost_usd"] == "0.00001050"  # 3 × 1.5 + 3 × 2 per 1M
+    [record] = await orm(records)
+    assert record.cost_usd == Decimal("0.00001050")
+    assert (record.prompt_tokens, record.completion_tokens, record.estimated, record.priced) == (3, 3, False, True)
+    assert record.request_id == response.headers["X-Request-ID"]
+    run = await orm(Run.objects.get)
+    assert record.api_key_id == run.api_key_id and record.agent_id == run.agent_id
+
+
+async def test_it_puts_the_cost_in_the_streams_done_event(make_agent, key, openai_settings):
+    await orm(price)
+    await orm(make_agent, name="gpt", model="openai/gpt-4o-mini")
+    response = await Api(key).post(CHAT.format("gpt"), {"message": "one two three [tokens:5]", "stream": True})
+    done = [e["data"] for e in parse_sse(response.text) if e.get("event") == "done"][0]
+
+    usage = done["usage"]
+    assert done["cost_usd"] == str(expected(usage["prompt_tokens"], usage["completion_tokens"]))
+    [record] = await orm(records)
+    assert record.completion_tokens == 5 and not record.estimated  # the upstream reported it (include_usage)
+    assert record.cost_usd == Decimal(done["cost_usd"])
+
+
+async def test_it_meters_an_openai_compatible_stream(make_agent, key, openai_settings):
+    await orm(price)
+    await orm(make_agent, name="gpt", model="openai/gpt-4o-mini")
+    response = await Api(key).post("/v1/chat/completions", {
+        "model": "gpt", "stream": True, "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "a b c [tokens:4]"}]})
+    chunks = [json.loads(line[6:]) for line in response.text.split("\n") if line.startswith("data: {")]
+    usage = chunks[-1]["usage"]
+
+    [record] = await orm(records)
+    assert (record.prompt_tokens, record.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
+    assert record.cost_usd == expected(usage["prompt_tokens"], 4)
+
+
+async def test_it_records_each_call_of_a_tool_loop(make_agent, key, openai_settings):
+    await orm(price)
+    await orm(make_agent, name="gpt", model="openai/gpt-4o-mini", skills=["calculator"])
+    body = (await Api(key).post(CHAT.format("gpt"), {"message": 'add [call:calculator {"expression": "2+2"}]'})).json()
+
+    stored = await orm(records)
+    assert len(stored) == 2
+    assert sum(r.prompt_tokens for r in stored) == body["usage"]["prompt_tokens"]
+    assert sum(r.cost_usd for r in stored) == Decimal(body["cost_usd"])
+    assert Decimal(body["cost_usd"]) == sum(expected(r.prompt_tokens, r.completion_tokens) for r in stored)
+    assert {r.run_id for r in stored} == {Run.objects.model._meta.pk.to_python(body["id"])}
+
+
+async def test_it_records_the_failed_call_and_the_fallback(make_agent, key, openai_settings):
+    await orm(price)
+    await orm(make_agent, name="gpt", model="openai/fault-500-primary", fallback_models=["openai/gpt-4o-mini"])
+    body = (await Api(key).post(CHAT.format("gpt"), {"message": "hello world"})).json()
+
+    failed, answered = await orm(records)
+    assert failed.model == "openai/fault-500-primary" and failed.cost_usd == 0 and failed.prompt_tokens == 0
+    assert not failed.priced  # no price for that model: the default applied, flagged
+    assert answered.model == "openai/gpt-4o-mini" and answered.cost_usd == Decimal("0.00001050")
+    assert body["cost_usd"] == "0.00001050"
+
+
+async def test_it_meters_a_failed_run(make_agent, key, openai_settings):
+    await orm(price)
+    await orm(make_agent, name="gpt", model="openai/gpt-4o-mini")
+    response = await Api(key).post(CHAT.format("gpt"), {"message": "boom [fault:500]"})
+
+    assert response.status_code >= 500
+    [record] = await orm(records)
+    assert record.cost_usd == 0 and record.run_id is not None
+
+
+async def test_it_prices_an_unknown_model_at_the_default_and_flags_it(make_agent, key, openai_settings, settings):
+    settings.BILLING_DEFAULT_INPUT_PER_1M = Decimal("10")
+    settings.BILLING_DEFAULT_OUTPUT_PER_1M = Decimal("30")
+    await orm(make_agent, name="gpt", model="openai/brand-new")
+    body = (await Api(key).post(CHAT.format("gpt"), {"message": "hello world"})).json()
+
+    assert body["cost_usd"] == "0.00012000"  # 3 × 10 + 3 × 30 per 1M
+    [record] = await orm(records)
+    assert record.priced is False and record.cost_usd == Decimal("0.00012")
+
+
+async def test_it_meters_a_stream_the_client_left(make_agent, key, openai_settings):
+    """The client hangs up mid-stream (as in test_runtime): the run is cancelled, its tokens so far
+    are counted offline and billed, marked estimated."""
+    from agentplatform.asgi import application
+
+    await orm(price)
+    await orm(make_agent, name="gpt", model="openai/gpt-4o-mini")
+    path = CHAT.format("gpt")
+    body = json.dumps({"message": "a long one [gap:50] [tokens:200]", "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
+             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                         (b"authorization", f"Bearer {key}".encode()), (b"content-length", str(len(body)).encode())]}
+    received: list[bytes] = []
+    enough = asyncio.Event()
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await enough.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body":
+            received.append(message.get("body", b""))
+            if b"".join(received).count(b"event: delta") >= 3:
+                enough.set()
+
+    await asyncio.wait_for(application(scope, receive, send), timeout=10)
+
+    run = await orm(Run.objects.get)
+    assert run.status == Run.Status.CANCELLED
+    [record] = await orm(records)
+    assert record.run_id == run.id and record.estimated
+    assert 3 <= record.completion_tokens < 200 and record.prompt_tokens > 0
+    assert record.cost_usd == expected(record.prompt_tokens, record.completion_tokens) > 0
