@@ -108,6 +108,12 @@ class ChatTurn:
     notes: dict = field(default_factory=dict)
     # The run's cost in USD (Decimal), set by the billing stage when the run ends.
     cost_usd: object = None
+    # A prepared turn whose events nobody starts reading within this many seconds (a streaming
+    # client that left before the first frame) is finished as cancelled, so what its stages
+    # hold (budget reservations) is released and the run is still recorded.
+    start_timeout: float = 10.0
+    _started: bool = False
+    _watchdog: object = None
     run_id: uuid.UUID = field(default_factory=uuid.uuid4)
     started_at: datetime | None = None
     session_exists: bool = False
@@ -145,6 +151,17 @@ class ChatTurn:
         messages += self.input_messages
         self.run = AgentRun(agent=self.agent, messages=messages, stream=self.stream, request_id=self.request_id,
                             temperature=self.temperature, max_tokens=self.max_tokens, skills=self.skills)
+        self._watchdog = asyncio.get_running_loop().call_later(self.start_timeout, self._abandon_if_unstarted)
+
+    def _abandon_if_unstarted(self) -> None:
+        if not self._started:
+            self._started = True
+            self.status = Run.Status.CANCELLED
+            self._abandoned = asyncio.ensure_future(self._abandon())
+
+    async def _abandon(self) -> None:
+        self.latency_ms = int((time.perf_counter() - self._t0) * 1000)
+        await asyncio.shield(self._finish())
 
     def _load_session(self) -> list[dict]:
         session = Session.objects.filter(pk=self.session_id).first()
@@ -160,6 +177,11 @@ class ChatTurn:
 
     async def events(self) -> AsyncIterator[dict]:
         assert self.run is not None, "prepare() first"
+        if self._started:
+            return  # abandoned before anyone read it: already finished as cancelled
+        self._started = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         try:
             async for event in self.run.events():
                 if event["type"] == "error":

@@ -279,3 +279,25 @@ async def test_it_keeps_a_cancelled_run_when_the_client_goes_away(make_agent, ke
     stored = await messages_of(start["session_id"])
     assert [m.role for m in stored] == ["user", "assistant"]
     assert stored[1].content.startswith("w1 w2 w3")  # what had been produced is kept
+
+
+async def test_it_finishes_a_prepared_turn_nobody_reads_as_cancelled(make_agent, make_key):
+    # A streaming client that leaves before the first frame: the view prepared the turn (stages
+    # reserved what they reserve) but nobody iterates its events.
+    from agents.models import Run
+    from agents.pipeline import ChatTurn, principal_and_agent
+
+    await orm(make_agent, name="quiet", model="local/demo")
+    key = await orm(make_key)
+    principal, agent = await principal_and_agent(key, "quiet")
+    turn = ChatTurn(principal=principal, agent=agent, input_messages=[{"role": "user", "content": "hi"}],
+                    transport="sse", stream=True, request_id="req_abandoned", start_timeout=0.05)
+    await turn.prepare()
+
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        runs = await orm(lambda: list(Run.objects.filter(request_id="req_abandoned")))
+        if runs:
+            break
+    assert [r.status for r in runs] == ["cancelled"]
+    assert [event async for event in turn.events()] == []
