@@ -372,7 +372,8 @@ _SERVED_OUTCOMES = {"succeeded": AuditLog.Outcome.SUCCESS, "failed": AuditLog.Ou
                     "cancelled": AuditLog.Outcome.ERROR, "running": AuditLog.Outcome.ERROR}
 
 
-def _turn_actor(turn: ChatTurn) -> str:
+def turn_actor(turn: ChatTurn) -> str:
+    """How audit entries name a turn's caller (sync: may read the staff user's name)."""
     if turn.principal is not None:
         return turn.principal.actor
     if turn.user_id is not None:
@@ -410,13 +411,13 @@ class AuditStage:
         }
         if run.error is not None:
             details["error_code"] = run.error.code
-        audit_record(actor=_turn_actor(turn), action="request.served", target=f"agent:{turn.agent.name}",
+        audit_record(actor=turn_actor(turn), action="request.served", target=f"agent:{turn.agent.name}",
                      outcome=_SERVED_OUTCOMES.get(turn.status, AuditLog.Outcome.ERROR), details=details,
                      request_id=turn.request_id or "", client_ip=turn.client_ip)
 
     async def refused(self, turn: ChatTurn, error: PlatformError) -> None:
         def record() -> None:
-            audit_record(actor=_turn_actor(turn), action="request.refused", target=f"agent:{turn.agent.name}",
+            audit_record(actor=turn_actor(turn), action="request.refused", target=f"agent:{turn.agent.name}",
                          outcome=_refusal_outcome(error),
                          details={"code": error.code, "status": error.http_status, "transport": turn.transport},
                          request_id=turn.request_id or "", client_ip=turn.client_ip)

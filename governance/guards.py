@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from agentplatform.db import write_db
 from agentplatform.errors import InvalidRequest
 
-from .audit import audit_record
+from .audit import audit_record, turn_actor
 
 if TYPE_CHECKING:
     from agents.pipeline import ChatTurn
@@ -167,19 +167,6 @@ class PromptInjectionBlocked(InvalidRequest):
               "agent's instructions."
 
 
-def _actor(turn: "ChatTurn") -> str:
-    """How audit entries name the caller (sync: may read the user's name)."""
-    if turn.principal is not None:
-        return turn.principal.actor
-    if turn.user_id is not None:
-        from django.contrib.auth import get_user_model
-
-        User = get_user_model()
-        name = User._default_manager.filter(pk=turn.user_id).values_list(User.USERNAME_FIELD, flat=True).first()
-        return f"user:{name if name is not None else turn.user_id}"
-    return "system"
-
-
 class InputGuardStage:
     """Flags (and, where the agent says so, blocks) likely prompt injection; see the module docstring."""
 
@@ -198,7 +185,7 @@ class InputGuardStage:
         details = {"rules": list(result.rules), "score": result.score, "transport": turn.transport}
 
         def record() -> None:
-            audit_record(actor=_actor(turn), action="guard.prompt_injection", target=f"agent:{turn.agent.name}",
+            audit_record(actor=turn_actor(turn), action="guard.prompt_injection", target=f"agent:{turn.agent.name}",
                          outcome="success", details=details, request_id=turn.request_id or "",
                          client_ip=turn.client_ip)
 
