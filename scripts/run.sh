@@ -18,9 +18,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-PYTHON="${PYTHON:-python3}"
-VENV="$ROOT/.venv"
-VPY="$VENV/bin/python"
 HOST="${HOST:-127.0.0.1}"
 PORT="${PORT:-8000}"
 
@@ -28,31 +25,9 @@ say() { printf '==> %s\n' "$*" >&2; }
 die() { printf '\nERROR: %s\n' "$*" >&2; exit 1; }
 
 # --- Python and the virtualenv -----------------------------------------------------------
-python_ok() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; }
-
-if [[ ! -x "$VPY" ]]; then
-    command -v "$PYTHON" >/dev/null 2>&1 \
-        || die "$PYTHON not found. Agent Platform needs Python 3.11 or newer (set PYTHON=/path/to/python3.11)."
-    python_ok "$PYTHON" \
-        || die "Agent Platform needs Python 3.11 or newer; $PYTHON is $("$PYTHON" -V 2>&1). Install python3.11+ and/or set PYTHON=/path/to/python3.11."
-    say "Creating the virtualenv .venv ($("$PYTHON" -V 2>&1))"
-    "$PYTHON" -m venv "$VENV" || die "python3 -m venv failed (on Debian/Ubuntu: apt-get install python3-venv)."
-fi
-python_ok "$VPY" || die ".venv has $("$VPY" -V 2>&1); Python 3.11+ is needed. Remove .venv and run again."
-
-# Install unless the stamp says this pyproject.toml is installed already. The stamp holds the
-# hash of pyproject.toml and the extras installed ("base" or "dev"; dev includes base).
-STAMP="$VENV/.agentplatform-install-stamp"
-PYPROJECT_HASH="$("$VPY" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' pyproject.toml)"
-stamp_hash="" stamp_extras=""
-if [[ -f "$STAMP" ]]; then read -r stamp_hash stamp_extras <"$STAMP" || true; fi
-if [[ "$stamp_hash" == "$PYPROJECT_HASH" ]] && "$VPY" -c 'import django, daphne, channels' 2>/dev/null; then
-    : # up to date
-else
-    say "Installing Agent Platform into .venv (pip install -e .; a minute on the first run)"
-    "$VPY" -m pip install -qq --disable-pip-version-check -e . || die "pip install -e . failed (see above)."
-    echo "$PYPROJECT_HASH base" >"$STAMP"
-fi
+# shellcheck source=scripts/_venv.sh
+source "$ROOT/scripts/_venv.sh"
+ensure_venv base
 
 # --- Environment -----------------------------------------------------------------------
 export DJANGO_SETTINGS_MODULE="${DJANGO_SETTINGS_MODULE:-agentplatform.settings}"

@@ -22,38 +22,13 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-PYTHON="${PYTHON:-python3}"
-VENV="$ROOT/.venv"
-VPY="$VENV/bin/python"
-
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf '\nERROR: %s\n' "$*" >&2; exit 1; }
 
-# --- Python and the virtualenv (same logic as scripts/run.sh, with the dev extra) ----------
-python_ok() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; }
-
-if [[ ! -x "$VPY" ]]; then
-    command -v "$PYTHON" >/dev/null 2>&1 \
-        || die "$PYTHON not found. Agent Platform needs Python 3.11 or newer (set PYTHON=/path/to/python3.11)."
-    python_ok "$PYTHON" \
-        || die "Agent Platform needs Python 3.11 or newer; $PYTHON is $("$PYTHON" -V 2>&1). Install python3.11+ and/or set PYTHON=/path/to/python3.11."
-    say "Creating the virtualenv .venv ($("$PYTHON" -V 2>&1))"
-    "$PYTHON" -m venv "$VENV" || die "python3 -m venv failed (on Debian/Ubuntu: apt-get install python3-venv)."
-fi
-python_ok "$VPY" || die ".venv has $("$VPY" -V 2>&1); Python 3.11+ is needed. Remove .venv and run again."
-
-STAMP="$VENV/.agentplatform-install-stamp"
-PYPROJECT_HASH="$("$VPY" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' pyproject.toml)"
-stamp_hash="" stamp_extras=""
-if [[ -f "$STAMP" ]]; then read -r stamp_hash stamp_extras <"$STAMP" || true; fi
-if [[ "$stamp_hash" == "$PYPROJECT_HASH" && "$stamp_extras" == "dev" ]] \
-    && "$VPY" -c 'import django, daphne, pytest, pytest_django, xdist' 2>/dev/null; then
-    : # up to date
-else
-    say "Installing Agent Platform with its dev extra into .venv (pip install -e '.[dev]')"
-    "$VPY" -m pip install -qq --disable-pip-version-check -e '.[dev]' || die "pip install -e '.[dev]' failed (see above)."
-    echo "$PYPROJECT_HASH dev" >"$STAMP"
-fi
+# --- Python and the virtualenv -----------------------------------------------------------
+# shellcheck source=scripts/_venv.sh
+source "$ROOT/scripts/_venv.sh"
+ensure_venv dev
 
 # --- A hermetic environment ----------------------------------------------------------------
 # Every env var settings.py reads, found in the file itself so new settings are covered too.
