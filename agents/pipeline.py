@@ -134,17 +134,12 @@ class ChatTurn:
         # A skill the key may not use is never offered to the model.
         principal = self.principal
         self.skills = tuple(s for s in self.agent.skills if principal is None or principal.may_use_skill(s.name))
-        for stage in _stages():
-            before = getattr(stage, "before", None)
-            if before is None:
-                continue
+        for before in _hooks("before"):
             try:
                 await before(self)
             except PlatformError as exc:
-                for other in _stages():
-                    refused = getattr(other, "refused", None)
-                    if refused is not None:
-                        await refused(self, exc)
+                for refused in _hooks("refused"):
+                    await refused(self, exc)
                 raise
         messages = [{"role": "system", "content": self.agent.system_prompt}] if self.agent.system_prompt else []
         messages += history
@@ -207,13 +202,11 @@ class ChatTurn:
         if self.notes.get("_finished"):
             return
         self.notes["_finished"] = True
-        for stage in _stages():
-            finished = getattr(stage, "finished", None)
-            if finished is not None:
-                try:
-                    finished(self)
-                except Exception:
-                    logger.exception("Pipeline stage %s failed when run %s ended", type(stage).__name__, self.run_id)
+        for finished in _hooks("finished"):
+            try:
+                finished(self)
+            except Exception:
+                logger.exception("Pipeline stage %s failed when run %s ended", _owner(finished), self.run_id)
 
     async def _finish(self) -> None:
         self._run_finished()  # a run cut short (client gone) is priced too
@@ -221,14 +214,11 @@ class ChatTurn:
             await write_db(self._persist)
         except Exception:
             logger.exception("Could not store run %s", self.run_id)
-        for stage in _stages():
-            after = getattr(stage, "after", None)
-            if after is None:
-                continue
+        for after in _hooks("after"):
             try:
                 await after(self)
             except Exception:
-                logger.exception("Pipeline stage %s failed after run %s", type(stage).__name__, self.run_id)
+                logger.exception("Pipeline stage %s failed after run %s", _owner(after), self.run_id)
 
     def _persist(self) -> None:
         run = self.run
@@ -281,10 +271,8 @@ class ChatTurn:
                         prompt_tokens=run.usage.prompt_tokens if is_last else 0,
                         completion_tokens=run.usage.completion_tokens if is_last else 0))
                 Message.objects.bulk_create(rows)
-            for stage in _stages():
-                persist = getattr(stage, "persist", None)
-                if persist is not None:
-                    persist(self)
+            for persist in _hooks("persist"):
+                persist(self)
 
     def result(self) -> dict:
         run = self.run
@@ -321,15 +309,22 @@ def _title(messages: list[dict], clean=_same) -> str:
     return ""
 
 
-_stage_cache: tuple[tuple[str, ...], list] | None = None
+_HOOKS = ("before", "refused", "finished", "persist", "after")
+_stage_cache: tuple[tuple[str, ...], dict[str, list]] | None = None
 
 
-def _stages() -> list:
+def _owner(hook) -> str:
+    return type(hook.__self__).__name__
+
+
+def _hooks(name: str) -> list:
+    """The stages' `name` hooks (bound methods), in AGENT_PIPELINE_STAGES order."""
     global _stage_cache
     paths = tuple(settings.AGENT_PIPELINE_STAGES)
     if _stage_cache is None or _stage_cache[0] != paths:
-        _stage_cache = (paths, [import_string(p)() for p in paths])
-    return _stage_cache[1]
+        stages = [import_string(p)() for p in paths]
+        _stage_cache = (paths, {hook: [getattr(s, hook) for s in stages if hasattr(s, hook)] for hook in _HOOKS})
+    return _stage_cache[1][name]
 
 
 async def chat_complete(turn: ChatTurn) -> dict:
