@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
@@ -15,12 +14,14 @@ from django.utils import timezone
 from agents.models import Run
 from billing.models import ModelPrice, UsageRecord
 from billing.pricing import Price, call_cost, price_for
-from conftest import Api, orm, parse_sse
+from conftest import Api, orm, parse_sse, post_and_hang_up
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CHAT = "/api/v1/agents/{}/chat"
-EPOCH = datetime(2020, 1, 1, tzinfo=dt_timezone.utc)
+# Newer than the seeded list prices (billing/data/model_prices.json), which are still in the test
+# database until the first transactional test flushes it: a test's own price must win either way.
+EFFECTIVE = datetime(2026, 1, 1, tzinfo=dt_timezone.utc)
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def key(make_key) -> str:
 
 def price(model: str = "openai/gpt-4o-mini", input_per_1m: str = "1.5", output_per_1m: str = "2") -> ModelPrice:
     return ModelPrice.objects.create(model=model, input_per_1m=Decimal(input_per_1m),
-                                     output_per_1m=Decimal(output_per_1m), effective_from=EPOCH)
+                                     output_per_1m=Decimal(output_per_1m), effective_from=EFFECTIVE)
 
 
 def expected(prompt: int, completion: int, input_per_1m: str = "1.5", output_per_1m: str = "2") -> Decimal:
@@ -214,36 +215,10 @@ async def test_it_prices_an_unknown_model_at_the_default_and_flags_it(make_agent
 async def test_it_meters_a_stream_the_client_left(make_agent, key, openai_settings):
     """The client hangs up mid-stream (as in test_runtime): the run is cancelled, its tokens so far
     are counted offline and billed, marked estimated."""
-    from agentplatform.asgi import application
-
     await orm(price)
     await orm(make_agent, name="gpt", model="openai/gpt-4o-mini")
-    path = CHAT.format("gpt")
-    body = json.dumps({"message": "a long one [gap:50] [tokens:200]", "stream": True}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
-             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
-                         (b"authorization", f"Bearer {key}".encode()), (b"content-length", str(len(body)).encode())]}
-    received: list[bytes] = []
-    enough = asyncio.Event()
-    sent = False
-
-    async def receive() -> dict:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await enough.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        if message["type"] == "http.response.body":
-            received.append(message.get("body", b""))
-            if b"".join(received).count(b"event: delta") >= 3:
-                enough.set()
-
-    await asyncio.wait_for(application(scope, receive, send), timeout=10)
+    await post_and_hang_up(CHAT.format("gpt"), {"message": "a long one [gap:50] [tokens:200]", "stream": True}, key,
+                           leave_when=lambda got: got.count(b"event: delta") >= 3)
 
     run = await orm(Run.objects.get)
     assert run.status == Run.Status.CANCELLED
