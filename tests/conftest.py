@@ -5,6 +5,11 @@ services, an async HTTP client, SSE parsing, and the housekeeping the chat path 
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any, Callable
 
 import httpx
@@ -194,3 +199,90 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None,
     assert error["request_id"] == response.headers["X-Request-ID"]
     return error
 
+
+
+# --- a client that hangs up mid-stream -----------------------------------------------------
+
+
+async def post_and_hang_up(path: str, body: dict, key: str, *, leave_when: Callable[[bytes], bool],
+                           headers: dict[str, str] | None = None) -> bytes:
+    """POST to the real ASGI app and disconnect once `leave_when(bytes received so far)` holds,
+    as a browser closing its tab does (httpx's ASGI transport always reads a body whole).
+    Returns what was received."""
+    import asyncio
+
+    from agentplatform.asgi import application
+
+    raw = json.dumps(body).encode()
+    extra = [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
+             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                         (b"authorization", f"Bearer {key}".encode()), *extra,
+                         (b"content-length", str(len(raw)).encode())]}
+    received: list[bytes] = []
+    leave = asyncio.Event()
+    request_sent = False
+
+    async def receive() -> dict:
+        nonlocal request_sent
+        if not request_sent:
+            request_sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body":
+            received.append(message.get("body", b""))
+            if leave_when(b"".join(received)):
+                leave.set()
+
+    await asyncio.wait_for(application(scope, receive, send), timeout=10)
+    return b"".join(received)
+
+
+# --- real server processes (end-to-end and multi-worker tests) ------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_daphne(env: dict, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """Start one daphne server process with `env` (not waiting for it); returns it and its URL."""
+    port = free_port()
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+                                    "agentplatform.asgi:application"],
+                                   cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(process: subprocess.Popen, url: str, log_path: Path, deadline: float) -> None:
+    """Poll /health until it answers 200; fail with the server's log if it exits or the deadline passes."""
+    while True:
+        assert process.poll() is None, f"daphne exited: {log_path.read_text()[-3000:]}"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"daphne did not start: {log_path.read_text()[-3000:]}"
+        time.sleep(0.1)
+
+
+def stop_processes(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)

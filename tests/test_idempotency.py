@@ -5,14 +5,13 @@ processes), what is not stored, expiry and the purge, a client leaving mid-strea
 from __future__ import annotations
 
 import asyncio
-import json
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
 from agents.models import Run
-from conftest import Api, assert_error, orm, parse_sse
+from conftest import Api, assert_error, orm, parse_sse, post_and_hang_up
 from governance.idempotency import idempotency_records_purge
 from governance.models import ApiKey, IdempotencyRecord
 from governance.tasks import idempotency_records_purge_task
@@ -228,32 +227,9 @@ async def test_it_purges_expired_records_from_the_beat_task(agents, key):
 async def test_it_releases_the_key_when_the_client_leaves_mid_stream(agents, key, openai_settings):
     """Drive the ASGI app by hand to hang up after the first chunk: httpx's ASGI transport
     always reads a body whole."""
-    from agentplatform.asgi import application
-
-    body = json.dumps({"message": "long [tokens:200] [gap:20]", "stream": True}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": CHAT.format("echo"), "raw_path": CHAT.format("echo").encode(),
-             "query_string": b"", "root_path": "", "server": ("testserver", 80), "client": ("127.0.0.1", 5000),
-             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
-                         (b"authorization", f"Bearer {key}".encode()), (b"idempotency-key", b"leaving"),
-                         (b"content-length", str(len(body)).encode())]}
-    got_chunk = asyncio.Event()
-    sent_body = False
-
-    async def receive():
-        nonlocal sent_body
-        if not sent_body:
-            sent_body = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await got_chunk.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message):
-        if message["type"] == "http.response.body" and message.get("body"):
-            got_chunk.set()
-
-    await asyncio.wait_for(application(scope, receive, send), timeout=10)
-    assert got_chunk.is_set()
+    received = await post_and_hang_up(CHAT.format("echo"), {"message": "long [tokens:200] [gap:20]", "stream": True},
+                                      key, headers={"Idempotency-Key": "leaving"}, leave_when=bool)
+    assert received
     for _ in range(100):
         if not await records():
             break

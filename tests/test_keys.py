@@ -10,14 +10,12 @@ import json
 import os
 import re
 import secrets
-import socket
 import stat
 import subprocess
 import sys
 import time
 import uuid
 from datetime import timedelta
-from pathlib import Path
 
 import httpx
 import pytest
@@ -30,12 +28,11 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from agents.models import Session
-from conftest import Api, assert_error, orm
+from conftest import ROOT, Api, assert_error, orm, spawn_daphne, stop_processes, wait_ready
 from governance.keys import forget_key_usage
 from governance.models import ApiKey, AuditLog
 from governance.services import api_key_revoke
 
-ROOT = Path(__file__).resolve().parent.parent
 KEYS = "/api/v1/admin/api-keys"
 SECRET_RE = re.compile(r"ap_[0-9a-f]+_[A-Za-z0-9_-]+")
 
@@ -765,12 +762,6 @@ def test_it_leaves_the_stamp_to_the_worker_that_claimed_the_minute(admin_key):
 # --- revocation seen by another worker process ---------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 SETUP = """
 import io, json
 import django
@@ -805,33 +796,16 @@ def two_servers(tmp_path_factory):
     processes, urls = [], []
     try:
         for name in ("a", "b"):
-            port = _free_port()
-            log = open(var_dir / f"daphne-{name}.log", "wb")
-            processes.append((subprocess.Popen(
-                [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "agentplatform.asgi:application"],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-            urls.append(f"http://127.0.0.1:{port}")
-        for (process, _), url in zip(processes, urls):
-            deadline = time.monotonic() + 30
-            while True:
-                assert process.poll() is None, "daphne exited"
-                try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "daphne did not start"
-                time.sleep(0.1)
+            log_path = var_dir / f"daphne-{name}.log"
+            process, url = spawn_daphne(env, log_path)
+            processes.append((process, log_path))
+            urls.append(url)
+        deadline = time.monotonic() + 30
+        for (process, log_path), url in zip(processes, urls):
+            wait_ready(process, url, log_path, deadline)
         yield {"a": urls[0], "b": urls[1], **keys}
     finally:
-        for process, log in processes:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
-            log.close()
+        stop_processes([process for process, _ in processes])
 
 
 def _status(url: str, key: str) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,9 +18,10 @@ import httpx
 import openai
 import pytest
 
+from conftest import ROOT, spawn_daphne, stop_processes, wait_ready
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 
 AGENTS_YAML = """
 agents:
@@ -44,12 +44,6 @@ out = io.StringIO()
 call_command("create_api_key", name="live", role="client", json=True, stdout=out)
 print(out.getvalue().strip().splitlines()[-1])
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class DaphneServer:
@@ -86,32 +80,13 @@ def daphne(tmp_path_factory, fake_upstream):
     assert setup.returncode == 0, setup.stderr
     key = json.loads(setup.stdout.strip().splitlines()[-1])["key"]
 
-    port = _free_port()
     log_path = var_dir / "daphne.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-                                    "agentplatform.asgi:application"],
-                                   cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    process, url = spawn_daphne(env, log_path)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, f"daphne exited: {log_path.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"daphne did not start: {log_path.read_text()[-3000:]}"
-            time.sleep(0.1)
+        wait_ready(process, url, log_path, time.monotonic() + 30)
         yield DaphneServer(url=url, key=key, db_path=var_dir / "db.sqlite3", log_path=log_path)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_processes([process])
 
 
 # --- the official SDK ----------------------------------------------------------------------

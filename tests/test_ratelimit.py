@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -24,14 +23,13 @@ from django.db import connection
 
 from agents.models import Run
 from agentplatform.errors import PermissionDenied
-from conftest import Api, assert_error, orm
+from conftest import ROOT, Api, assert_error, orm, spawn_daphne, stop_processes, wait_ready
 from governance.models import ApiKey
 from governance.ratelimit import REQUESTS, TOKENS, WINDOW_MS, CacheWindow, Limit, RedisWindow
 from governance.services import split_key
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-ROOT = Path(__file__).resolve().parent.parent
 CHAT = "/api/v1/agents/{}/chat"
 
 
@@ -269,12 +267,6 @@ print(json.dumps(keys))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Workers:
     """Two Daphne processes sharing one database and one Redis."""
 
@@ -319,36 +311,18 @@ def start_workers(tmp_path, fake_upstream, transactional_db):
         secrets_ = json.loads(setup.stdout.strip().splitlines()[-1])
         urls, logs = [], []
         for n in range(2):
-            port = _free_port()
             log_path = tmp_path / f"daphne-{n}.log"
-            with open(log_path, "wb") as log:
-                processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-                     "agentplatform.asgi:application"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-            urls.append(f"http://127.0.0.1:{port}")
+            process, url = spawn_daphne(env, log_path)
+            processes.append(process)
+            urls.append(url)
             logs.append(log_path)
         deadline = time.monotonic() + 30
         for process, url, log_path in zip(processes, urls, logs):
-            while True:
-                assert process.poll() is None, f"daphne exited: {log_path.read_text()[-3000:]}"
-                try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, f"daphne did not start: {log_path.read_text()[-3000:]}"
-                time.sleep(0.1)
+            wait_ready(process, url, log_path, deadline)
         return Workers(urls, secrets_, logs)
 
     yield start
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    stop_processes(processes)
 
 
 async def burst(workers: Workers, key: str, n: int, *, body: dict, path: str = "/v1/chat/completions",

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from agents.models import Message, Run
-from conftest import Api, orm, parse_sse
+from conftest import Api, orm, parse_sse, post_and_hang_up
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -240,37 +240,11 @@ async def test_it_sends_only_the_latest_history(make_agent, key, openai_settings
 
 async def test_it_keeps_a_cancelled_run_when_the_client_goes_away(make_agent, key, openai_settings, fake_upstream):
     """Drive the ASGI app directly so the client can hang up mid-stream, as a browser does."""
-    from agentplatform.asgi import application
-
     await orm(make_agent, name="gpt", model="openai/gpt-4o-mini")
-    body = json.dumps({"message": "a long one [gap:50] [tokens:200]", "stream": True}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": CHAT.format("gpt"), "raw_path": CHAT.format("gpt").encode(),
-             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
-             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
-                         (b"authorization", f"Bearer {key}".encode()),
-                         (b"content-length", str(len(body)).encode())]}
-    received: list[bytes] = []
-    enough = asyncio.Event()
-    request_sent = False
+    received = await post_and_hang_up(CHAT.format("gpt"), {"message": "a long one [gap:50] [tokens:200]", "stream": True},
+                                      key, leave_when=lambda got: got.count(b"event: delta") >= 3)
 
-    async def receive() -> dict:
-        nonlocal request_sent
-        if not request_sent:
-            request_sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await enough.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        if message["type"] == "http.response.body":
-            received.append(message.get("body", b""))
-            if b"".join(received).count(b"event: delta") >= 3:
-                enough.set()
-
-    await asyncio.wait_for(application(scope, receive, send), timeout=10)
-
-    text = b"".join(received).decode()
+    text = received.decode()
     assert "event: done" not in text
     start = parse_sse(text)[0]["data"]
     run = await orm(Run.objects.get, pk=start["run_id"])
