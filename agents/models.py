@@ -150,6 +150,9 @@ class Run(models.Model):
     metadata = models.JSONField(default=dict, blank=True)
     started_at = models.DateTimeField(db_index=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # A person's rating of the answer (chat console thumbs): 1 up, -1 down; feeds experiments.
+    feedback = models.SmallIntegerField(null=True, blank=True, choices=[(1, "up"), (-1, "down")])
+    feedback_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-started_at"]

@@ -93,6 +93,10 @@ class Budget(models.Model):
     # Hard budgets refuse requests (402) that could overspend; soft ones only alert.
     hard = models.BooleanField(default=True)
     alert_thresholds = models.JSONField(default=list, blank=True, help_text="Percentages, default 50, 75, 90, 100.")
+    alert_emails = models.CharField(max_length=1000, blank=True,
+                                    help_text="Comma-separated addresses for alerts (default: BUDGET_ALERT_EMAILS).")
+    alert_webhook_url = models.URLField(max_length=1000, blank=True,
+                                        help_text="POSTed a JSON alert (default: BUDGET_ALERT_WEBHOOK_URL).")
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -121,3 +125,78 @@ class BudgetSpend(models.Model):
 
     def __str__(self) -> str:
         return f"{self.budget_id}@{self.period_start:%Y-%m-%d}"
+
+
+class BudgetAlert(models.Model):
+    """A budget crossed one of its thresholds in one period. The unique constraint is what makes
+    each threshold fire once per period, whichever worker notices first."""
+
+    budget = models.ForeignKey(Budget, on_delete=models.CASCADE, related_name="alerts")
+    period_start = models.DateTimeField()
+    threshold = models.PositiveSmallIntegerField(help_text="Percent of the limit.")
+    spent_usd = models.DecimalField(**USD, help_text="Spend when the threshold was crossed.")
+    limit_usd = models.DecimalField(**USD)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["budget", "period_start", "threshold"],
+                                               name="budgetalert_once_per_period")]
+
+    def __str__(self) -> str:
+        return f"{self.budget} {self.threshold}% @{self.period_start:%Y-%m-%d}"
+
+
+class AlertDelivery(models.Model):
+    """One delivery of an alert to one channel (an e-mail recipient list or a webhook). A delivery
+    that keeps failing after its retries ends as `dead` (the dead-letter record)."""
+
+    class Channel(models.TextChoices):
+        EMAIL = "email"
+        WEBHOOK = "webhook"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        SENT = "sent"
+        DEAD = "dead"
+
+    alert = models.ForeignKey(BudgetAlert, on_delete=models.CASCADE, related_name="deliveries")
+    channel = models.CharField(max_length=16, choices=Channel.choices)
+    target = models.CharField(max_length=2000, help_text="E-mail addresses (comma-separated) or the webhook URL.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name_plural = "alert deliveries"
+
+    def __str__(self) -> str:
+        return f"{self.channel} {self.status}"
+
+
+class UsageRollup(models.Model):
+    """Usage of one UTC day per (agent, model, key), for the dashboard and reports at millions of
+    usage records. A day's rows are rebuilt as a whole (delete + insert in one transaction);
+    days not rolled up yet are aggregated from UsageRecord directly."""
+
+    day = models.DateField()
+    agent = models.ForeignKey("agents.Agent", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    api_key = models.ForeignKey("governance.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    model = models.CharField(max_length=200)
+    requests = models.PositiveIntegerField(default=0, help_text="Distinct runs.")
+    calls = models.PositiveIntegerField(default=0, help_text="Usage records (model calls).")
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    cost_usd = models.DecimalField(**USD, default=Decimal("0"))
+    built_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-day"]
+        indexes = [models.Index(fields=["day"], name="rollup_day")]
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.model} {self.cost_usd} USD"
