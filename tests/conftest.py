@@ -286,3 +286,62 @@ def stop_processes(processes: list[subprocess.Popen]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+# --- a real browser -------------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def _ensure_chromium() -> str | None:
+    """Debian's Chromium at /usr/bin/chromium, installed with apt-get when missing (as root).
+    Returns why it cannot be had, or None when it is there."""
+    if CHROMIUM.exists():
+        return None
+    import os
+    import shutil
+
+    if shutil.which("apt-get") is None:
+        return "Debian's chromium is not installed and there is no apt-get to install it"
+    if os.geteuid() != 0:
+        return "Debian's chromium is not installed (apt-get install chromium needs root)"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+    for step in (install, ["apt-get", "update", "-q"], install):
+        done = subprocess.run(step, env=env, capture_output=True, text=True, timeout=900)
+        if step is install and done.returncode == 0 and CHROMIUM.exists():
+            return None
+    return f"apt-get install chromium failed: {(done.stderr or done.stdout)[-500:]}"
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """A headless Debian Chromium driven by Playwright (installed with apt-get when missing;
+    the test is skipped, saying why, when that cannot be done)."""
+    why = _ensure_chromium()
+    if why:
+        pytest.skip(why)
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is not installed (pip install -e '.[dev]')")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def artifact_path(name: str) -> Path:
+    """Where a test keeps a file for people to look at (screenshots): TEST_ARTIFACTS_DIR, set by
+    scripts/test.sh, else test-artifacts/ in the repository."""
+    import os
+
+    folder = Path(os.environ.get("TEST_ARTIFACTS_DIR") or ROOT / "test-artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
