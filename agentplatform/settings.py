@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import environ
+from celery.schedules import crontab as _crontab
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -178,7 +179,11 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": env.str("CHANNEL_LAYER_PREFIX", default="ap")},
+            # redis-py 8 reads with a 5 s socket timeout by default, which fires during the layer's
+            # own 5 s blocking pop (BZPOPMIN) and kills every consumer (channels_redis#422): the
+            # read timeout must outlast the pop.
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
+                       "prefix": env.str("CHANNEL_LAYER_PREFIX", default="ap")},
         }
     }
 else:
@@ -188,6 +193,8 @@ CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL or "memory://
 CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default="") or None
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=CELERY_BROKER_URL == "memory://")
 CELERY_TASK_EAGER_PROPAGATES = True
+# The queue tasks are sent to and workers consume (deployments sharing one broker use their own).
+CELERY_TASK_DEFAULT_QUEUE = env.str("CELERY_TASK_DEFAULT_QUEUE", default="celery")
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
@@ -196,6 +203,14 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE: dict = {
     "purge-idempotency-records": {"task": "governance.tasks.idempotency_records_purge_task", "schedule": 3600.0},
+    # Budget alerts a settlement did not fire (limits lowered, thresholds changed, lost enqueues).
+    "check-budget-alerts": {"task": "billing.tasks.check_budget_alerts_task", "schedule": 60.0},
+    # The new period's BudgetSpend rows; reservations stuck in past periods (crashed workers).
+    "budget-period-rollover": {"task": "billing.tasks.budget_period_rollover_task",
+                               "schedule": _crontab(minute=0)},
+    # Daily usage rollups: hourly at :05, so yesterday is final shortly after 00:00 UTC and today
+    # is never more than an hour behind.
+    "rollup-usage": {"task": "billing.tasks.rollup_usage_task", "schedule": _crontab(minute=5)},
 }
 
 # --- Static files and templates ---------------------------------------------------------
@@ -259,6 +274,18 @@ AGENT_HISTORY_LIMIT = env.int("AGENT_HISTORY_LIMIT", default=50)
 # How long resolved agents and API keys stay in the shared cache (saves invalidate at once).
 AGENT_CACHE_SECONDS = env.int("AGENT_CACHE_SECONDS", default=300)
 SSE_HEARTBEAT_SECONDS = env.float("SSE_HEARTBEAT_SECONDS", default=15.0)
+# WebSocket chat (agents.consumers). Larger client frames get an error frame `frame_too_large`
+# (daphne itself closes with 1009 above its --websocket-max-message-size, 1 MiB by default).
+WS_MAX_FRAME_BYTES = env.int("WS_MAX_FRAME_BYTES", default=524_288)
+# A connection with neither a key on the handshake nor a staff session must send its
+# {"type": "auth"} frame within this time, or it is closed with 4401.
+WS_AUTH_TIMEOUT_SECONDS = env.float("WS_AUTH_TIMEOUT_SECONDS", default=10.0)
+# Close (4408) a connection after this long without a client frame or a running turn; 0: never
+# (daphne's keepalive pings, --ping-interval/--ping-timeout, still drop dead peers).
+WS_IDLE_TIMEOUT_SECONDS = env.float("WS_IDLE_TIMEOUT_SECONDS", default=0.0)
+if WS_MAX_FRAME_BYTES < 1 or WS_AUTH_TIMEOUT_SECONDS <= 0 or WS_IDLE_TIMEOUT_SECONDS < 0:
+    raise ImproperlyConfigured("WS_MAX_FRAME_BYTES and WS_AUTH_TIMEOUT_SECONDS must be > 0, "
+                               "WS_IDLE_TIMEOUT_SECONDS >= 0.")
 # The demo agents use the offline `local` model unless an OpenAI key is configured.
 DEMO_MODEL = env.str("DEMO_MODEL", default="openai/gpt-4o-mini" if OPENAI_API_KEY else "local/demo")
 
@@ -360,3 +387,52 @@ def _decimal_setting(name: str, default: str):
 
 BILLING_DEFAULT_INPUT_PER_1M = _decimal_setting("BILLING_DEFAULT_INPUT_PER_1M", "10")
 BILLING_DEFAULT_OUTPUT_PER_1M = _decimal_setting("BILLING_DEFAULT_OUTPUT_PER_1M", "30")
+
+
+# --- Budget alerts and e-mail -------------------------------------------------------------
+# Where alerts go when a budget names no recipients / webhook of its own (billing.alerts).
+BUDGET_ALERT_EMAILS = env.list("BUDGET_ALERT_EMAILS", default=[])
+BUDGET_ALERT_WEBHOOK_URL = env.str("BUDGET_ALERT_WEBHOOK_URL", default="")
+# Signs webhook bodies: X-AgentPlatform-Signature: sha256=<hex HMAC-SHA256 of the body>.
+BUDGET_ALERT_WEBHOOK_SECRET = env.str("BUDGET_ALERT_WEBHOOK_SECRET", default="")
+BUDGET_ALERT_WEBHOOK_TIMEOUT = env.float("BUDGET_ALERT_WEBHOOK_TIMEOUT", default=10.0)
+# A delivery is tried 1 + this many times (backoff 30 s, 60 s, 120 s, ... at most an hour),
+# then kept as a dead letter (status "dead" in the admin, which can retry it).
+BUDGET_ALERT_MAX_RETRIES = env.int("BUDGET_ALERT_MAX_RETRIES", default=5)
+BUDGET_ALERT_RETRY_BACKOFF_SECONDS = env.float("BUDGET_ALERT_RETRY_BACKOFF_SECONDS", default=30.0)
+# Reservations left on a past period's budget row untouched this long belong to a crashed
+# worker: the hourly rollover releases them.
+BUDGET_STALE_RESERVATION_SECONDS = env.int("BUDGET_STALE_RESERVATION_SECONDS", default=3600)
+
+
+def _check_alert_settings() -> None:
+    from django.core.exceptions import ValidationError
+    from django.core.validators import URLValidator, validate_email
+
+    for address in BUDGET_ALERT_EMAILS:
+        try:
+            validate_email(address)
+        except ValidationError:
+            raise ImproperlyConfigured(f"BUDGET_ALERT_EMAILS: {address!r} is not an e-mail address.") from None
+    if BUDGET_ALERT_WEBHOOK_URL:
+        try:
+            URLValidator(schemes=["http", "https"])(BUDGET_ALERT_WEBHOOK_URL)
+        except ValidationError:
+            raise ImproperlyConfigured("BUDGET_ALERT_WEBHOOK_URL must be an http(s) URL.") from None
+    if BUDGET_ALERT_MAX_RETRIES < 0 or BUDGET_ALERT_RETRY_BACKOFF_SECONDS < 0 or BUDGET_ALERT_WEBHOOK_TIMEOUT <= 0:
+        raise ImproperlyConfigured("BUDGET_ALERT_MAX_RETRIES and BUDGET_ALERT_RETRY_BACKOFF_SECONDS must be >= 0, "
+                                   "BUDGET_ALERT_WEBHOOK_TIMEOUT > 0.")
+
+
+_check_alert_settings()
+
+# E-mail: EMAIL_URL (django-environ: smtp://user:pass@host:25, smtp+tls://...:587,
+# submission://..., consolemail://) when set; else the console under DEBUG, and Django's SMTP
+# backend on localhost:25 otherwise.
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="agent-platform@localhost")
+SERVER_EMAIL = DEFAULT_FROM_EMAIL
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=10)
+if env.str("EMAIL_URL", default=""):
+    globals().update({k: v for k, v in env.email_url("EMAIL_URL").items() if v is not None})
+elif DEBUG:
+    EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"

@@ -10,6 +10,13 @@ to the actual cost when the run is stored, release what a refused or lost turn r
     after(turn)     the run's transaction did not commit the settlement (its write failed):
                     settle on its own, so no reservation is left behind.
 
+Alerts. A settlement that moves a budget's spend across one of its alert thresholds (percent of
+the limit) fires it in the same transaction (billing.alerts). The check compares the locked
+row's spend before and after with the limit and thresholds the reservation read with the budgets
+(Reservation.alert_limits): a settlement that crosses nothing costs no query and no join. Only
+a crossing loads the budgets, and checks again against their current limit; what a limit changed
+meanwhile hides, the beat task's scan (check_budget_alerts) fires within a minute.
+
 Atomicity across workers: reserve and settle run in one transaction that locks the BudgetSpend
 rows with SELECT ... FOR UPDATE (PostgreSQL; rows locked in id order, so two requests never
 deadlock) or, on SQLite, in the IMMEDIATE transaction the settings configure (one writer at a
@@ -182,6 +189,9 @@ def worst_case_cost(*, models: Iterable[str], prompt_tokens: int, max_tokens: in
 class Reservation:
     spend_ids: tuple[int, ...]
     amount: Decimal
+    # (spend row id, limit, alert thresholds) per budget, as read when reserving: settle checks
+    # the thresholds without a query.
+    alert_limits: tuple[tuple[int, Decimal, tuple[int, ...]], ...] = ()
 
 
 def _describe(budget: Budget) -> str:
@@ -237,7 +247,8 @@ def budget_reserve(*, key_id: int | None, agent_id: int | None, amount: Decimal,
                              "required_usd": str(amount)})
         ids = tuple(spend.id for spend in spends.values())
         BudgetSpend.objects.filter(id__in=ids).update(reserved_usd=F("reserved_usd") + amount, updated_at=now)
-    return Reservation(spend_ids=ids, amount=amount)
+    limits = tuple((spends[b.id].id, b.limit_usd, tuple(alert_thresholds_of(b))) for b in budgets)
+    return Reservation(spend_ids=ids, amount=amount, alert_limits=limits)
 
 
 def budget_settle(*, reservation: Reservation, actual_usd: Decimal | None) -> None:
@@ -255,11 +266,45 @@ def budget_settle(*, reservation: Reservation, actual_usd: Decimal | None) -> No
         # lock only budget rows and wait for nothing else while holding them.
         audit_chain_lock()
         rows = list(BudgetSpend.objects.select_for_update().filter(id__in=reservation.spend_ids).order_by("id"))
+        limits = {spend_id: (limit, thresholds) for spend_id, limit, thresholds in reservation.alert_limits}
+        crossed = []
         for row in rows:
+            spent_before = row.spent_usd
             # Never below zero, whatever a bad hand edit did to the row meanwhile.
             row.reserved_usd = max(row.reserved_usd - reservation.amount, Decimal("0"))
             row.spent_usd = row.spent_usd + actual
             row.save(update_fields=["reserved_usd", "spent_usd", "updated_at"])
+            known = limits.get(row.id)
+            if actual > 0 and known and thresholds_crossed(*known, spent_before, row.spent_usd):
+                crossed.append((row, spent_before))
+        if crossed:
+            # Rare (a few times per budget and period): only then does alerting touch the database.
+            from .alerts import alerts_fire_on_settlement
+
+            alerts_fire_on_settlement(crossed)
+
+
+def alert_thresholds_of(budget: Budget) -> list[int]:
+    """The budget's alert thresholds (percent, ascending); empty or malformed: the defaults."""
+    raw = budget.alert_thresholds
+    if isinstance(raw, list):
+        valid = sorted({t for t in raw if isinstance(t, int) and not isinstance(t, bool) and 0 < t <= 1000})
+        if valid:
+            return valid
+    return DEFAULT_ALERT_THRESHOLDS
+
+
+def thresholds_reached(limit: Decimal, thresholds: Iterable[int], spent: Decimal) -> list[int]:
+    """The thresholds (percent of `limit`) a spend of `spent` has reached; none before any spend."""
+    if spent <= 0:
+        return []
+    return [t for t in thresholds if spent * 100 >= limit * t]
+
+
+def thresholds_crossed(limit: Decimal, thresholds: Iterable[int], before: Decimal, after: Decimal) -> list[int]:
+    """The thresholds reached at `after` but not at `before` (no I/O: the settle path's check)."""
+    reached_before = set(thresholds_reached(limit, thresholds, before))
+    return [t for t in thresholds_reached(limit, thresholds, after) if t not in reached_before]
 
 
 def budget_release(*, reservation: Reservation) -> None:
@@ -270,8 +315,13 @@ def budget_release(*, reservation: Reservation) -> None:
 @transaction.atomic
 def budget_create(*, scope: str, period: str, limit_usd: Decimal, hard: bool = True, key_prefix: str | None = None,
                   agent_name: str | None = None, alert_thresholds: list[int] | None = None, name: str = "",
+                  alert_emails: list[str] | None = None, alert_webhook_url: str = "",
                   actor: str = "system", request_id: str = "", client_ip: str | None = None) -> Budget:
-    """Create a budget; key/agent must match the scope (both for key_agent, neither for global)."""
+    """Create a budget; key/agent must match the scope (both for key_agent, neither for global).
+    Alerts go to `alert_emails` / `alert_webhook_url`, else to the BUDGET_ALERT_* settings."""
+    from django.core.exceptions import ValidationError
+    from django.core.validators import URLValidator, validate_email
+
     from agents.models import Agent
     from governance.audit import audit_record
     from governance.models import ApiKey
@@ -299,13 +349,32 @@ def budget_create(*, scope: str, period: str, limit_usd: Decimal, hard: bool = T
         if agent is None:
             raise NotFound(f"No agent named {agent_name!r}.", code="agent_not_found", param="agent")
     thresholds = DEFAULT_ALERT_THRESHOLDS if alert_thresholds is None else sorted(set(alert_thresholds))
-    if any(not isinstance(t, int) or t <= 0 or t > 1000 for t in thresholds):
+    if any(not isinstance(t, int) or isinstance(t, bool) or t <= 0 or t > 1000 for t in thresholds):
         raise InvalidRequest("alert_thresholds are whole percentages between 1 and 1000.", param="alert_thresholds")
+    emails = list(dict.fromkeys(e.strip() for e in alert_emails or () if e.strip()))
+    try:
+        for address in emails:
+            validate_email(address)
+    except ValidationError:
+        raise InvalidRequest("alert_emails must be e-mail addresses.", param="alert_emails") from None
+    if alert_webhook_url:
+        if len(alert_webhook_url) > Budget._meta.get_field("alert_webhook_url").max_length:
+            raise InvalidRequest("alert_webhook_url is too long.", param="alert_webhook_url")
+        try:
+            URLValidator(schemes=["http", "https"])(alert_webhook_url)
+        except ValidationError:
+            raise InvalidRequest("alert_webhook_url must be an http(s) URL.", param="alert_webhook_url") from None
+    alert_emails_text = ", ".join(emails)
+    if len(alert_emails_text) > Budget._meta.get_field("alert_emails").max_length:
+        raise InvalidRequest("alert_emails is too long.", param="alert_emails")
     budget = Budget.objects.create(name=name, scope=scope, period=period, limit_usd=limit_usd, hard=hard,
-                                   api_key=api_key, agent=agent, alert_thresholds=list(thresholds))
+                                   api_key=api_key, agent=agent, alert_thresholds=list(thresholds),
+                                   alert_emails=alert_emails_text, alert_webhook_url=alert_webhook_url)
+    # Neither the addresses nor the webhook URL (it may carry a token) go into the log.
     audit_record(actor=actor, action="budget.created", target=f"budget:{budget.id}",
                  details={"scope": scope, "period": period, "limit_usd": str(limit_usd), "hard": hard,
-                          "key": key_prefix, "agent": agent_name, "alert_thresholds": list(thresholds)},
+                          "key": key_prefix, "agent": agent_name, "alert_thresholds": list(thresholds),
+                          "alert_emails": len(emails), "alert_webhook": bool(alert_webhook_url)},
                  request_id=request_id, client_ip=client_ip)
     transaction.on_commit(lambda: cache.delete(BUDGETS_CACHE_KEY))
     return budget

@@ -1,10 +1,12 @@
 """Budgets over REST.
 
     POST /api/v1/admin/budgets   (admin role) {scope, key?: prefix, agent?: name, period, limit_usd,
-                                 hard?, alert_thresholds?, name?} → 201 with the budget
+                                 hard?, alert_thresholds?, alert_emails?, alert_webhook_url?, name?}
+                                 → 201 with the budget
     GET  /api/v1/admin/budgets   (admin role) every budget with its current period's money
     GET  /api/v1/budgets         the budgets that apply to the calling key, with limit, spent,
-                                 reserved and remaining in the current period
+                                 reserved and remaining in the current period (never their alert
+                                 recipients or webhook: those are for admin keys only)
 
 Plain sync DRF views (not the chat path): validate at the edge, call one service. Money is a
 decimal string.
@@ -26,7 +28,7 @@ from agentplatform.asyncviews import client_ip
 from agentplatform.errors import request_id_of
 from governance.permissions import IsAdminKey
 
-from .budgets import budget_create, budget_status, budgets_for_key, period_end, period_start
+from .budgets import alert_thresholds_of, budget_create, budget_status, budgets_for_key, period_end, period_start
 from .models import Budget, BudgetSpend
 
 ERRORS = {
@@ -45,27 +47,52 @@ class BudgetCreateSerializer(serializers.Serializer):
     limit_usd = serializers.DecimalField(max_digits=18, decimal_places=8, min_value=Decimal("0"))
     hard = serializers.BooleanField(default=True)
     alert_thresholds = serializers.ListField(child=serializers.IntegerField(min_value=1, max_value=1000),
-                                             required=False, max_length=20)
+                                             required=False, max_length=20,
+                                             help_text="Percent of the limit, each fired once per period; "
+                                                       "stored sorted without duplicates. Empty or absent: "
+                                                       "50, 75, 90, 100.")
+    alert_emails = serializers.ListField(child=serializers.EmailField(max_length=254), required=False, max_length=20,
+                                         help_text="Alert recipients (default: BUDGET_ALERT_EMAILS).")
+    alert_webhook_url = serializers.URLField(required=False, allow_blank=True, max_length=1000, default="",
+                                             help_text="POSTed each alert as JSON (default: BUDGET_ALERT_WEBHOOK_URL).")
     name = serializers.CharField(required=False, allow_blank=True, max_length=100, default="")
+
+    def validate_alert_thresholds(self, value: list[int]) -> list[int]:
+        return sorted(set(value))
+
+    def validate_alert_emails(self, value: list[str]) -> list[str]:
+        value = list(dict.fromkeys(value))
+        if len(", ".join(value)) > Budget._meta.get_field("alert_emails").max_length:
+            raise serializers.ValidationError("Too many addresses (1000 characters at most).")
+        return value
+
+    def validate_alert_webhook_url(self, value: str) -> str:
+        if value and not value.lower().startswith(("http://", "https://")):
+            raise serializers.ValidationError("An http(s) URL.")
+        return value
 
 
 def _money(value: Decimal) -> str:
     return f"{value:.8f}"
 
 
-def _budget_data(budget: Budget, money: dict, start, now) -> dict:
+def _budget_data(budget: Budget, money: dict, start, now, *, admin: bool = False) -> dict:
     end = period_end(budget.period, now)
-    return {"id": budget.id, "name": budget.name, "scope": budget.scope,
+    data = {"id": budget.id, "name": budget.name, "scope": budget.scope,
             "key": budget.api_key.prefix if budget.api_key_id else None,
             "agent": budget.agent.name if budget.agent_id else None,
             "period": budget.period, "hard": budget.hard, "enabled": budget.enabled,
-            "alert_thresholds": budget.alert_thresholds, "limit_usd": _money(budget.limit_usd),
+            "alert_thresholds": alert_thresholds_of(budget), "limit_usd": _money(budget.limit_usd),
             "spent_usd": _money(money["spent_usd"]), "reserved_usd": _money(money["reserved_usd"]),
             "remaining_usd": _money(money["remaining_usd"]), "period_start": start.isoformat(),
             "period_end": end.isoformat() if end else None}
+    if admin:
+        data["alert_emails"] = [a.strip() for a in budget.alert_emails.split(",") if a.strip()]
+        data["alert_webhook_url"] = budget.alert_webhook_url
+    return data
 
 
-def _with_money(budgets: list[Budget]) -> list[dict]:
+def _with_money(budgets: list[Budget], *, admin: bool = False) -> list[dict]:
     now = timezone.now()
     spends = {}
     if budgets:
@@ -73,7 +100,8 @@ def _with_money(budgets: list[Budget]) -> list[dict]:
         for b in budgets:
             q |= Q(budget_id=b.id, period_start=period_start(b.period, now))
         spends = {s.budget_id: s for s in BudgetSpend.objects.filter(q)}
-    return [_budget_data(b, budget_status(b, spends.get(b.id)), period_start(b.period, now), now) for b in budgets]
+    return [_budget_data(b, budget_status(b, spends.get(b.id)), period_start(b.period, now), now, admin=admin)
+            for b in budgets]
 
 
 class AdminBudgetListView(generics.GenericAPIView):
@@ -85,7 +113,7 @@ class AdminBudgetListView(generics.GenericAPIView):
     def get(self, request: Request) -> Response:
         queryset = Budget.objects.select_related("api_key", "agent").order_by("scope", "id")
         page = self.paginate_queryset(queryset)
-        return self.get_paginated_response(_with_money(list(page)))
+        return self.get_paginated_response(_with_money(list(page), admin=True))
 
     @extend_schema(request=BudgetCreateSerializer, responses={201: OpenApiResponse(description="The budget."),
                                                              **ERRORS})
@@ -96,10 +124,11 @@ class AdminBudgetListView(generics.GenericAPIView):
         budget = budget_create(
             scope=data["scope"], period=data["period"], limit_usd=data["limit_usd"], hard=data["hard"],
             key_prefix=data.get("key"), agent_name=data.get("agent"), alert_thresholds=data.get("alert_thresholds"),
+            alert_emails=data.get("alert_emails"), alert_webhook_url=data["alert_webhook_url"],
             name=data["name"], actor=request.user.actor, request_id=request_id_of(request) or "",
             client_ip=client_ip(request._request))
         budget = Budget.objects.select_related("api_key", "agent").get(pk=budget.pk)
-        return Response(_with_money([budget])[0], status=status.HTTP_201_CREATED)
+        return Response(_with_money([budget], admin=True)[0], status=status.HTTP_201_CREATED)
 
 
 class BudgetListView(APIView):

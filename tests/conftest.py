@@ -318,10 +318,12 @@ def _ensure_chromium() -> str | None:
     return f"apt-get install chromium failed: {(done.stderr or done.stdout)[-500:]}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium():
     """A headless Debian Chromium driven by Playwright (installed with apt-get when missing;
-    the test is skipped, saying why, when that cannot be done)."""
+    the test is skipped, saying why, when that cannot be done). Module-scoped: Playwright's sync
+    API keeps an event loop running in this thread while it is open, which async tests of other
+    modules cannot share."""
     why = _ensure_chromium()
     if why:
         pytest.skip(why)

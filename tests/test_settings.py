@@ -132,7 +132,7 @@ def test_it_uses_redis_for_cache_channels_and_celery_given_a_redis_url(outcomes)
     assert settings["cache"]["BACKEND"] == "django_redis.cache.RedisCache"
     assert settings["cache"]["LOCATION"] == url
     assert settings["channel_layer"]["BACKEND"] == "channels_redis.core.RedisChannelLayer"
-    assert settings["channel_layer"]["CONFIG"]["hosts"] == [url]
+    assert [host["address"] for host in settings["channel_layer"]["CONFIG"]["hosts"]] == [url]
     assert settings["broker"] == url
     assert settings["eager"] is False
     assert settings["db"]["ENGINE"] == "django.db.backends.sqlite3"  # independent of the database
