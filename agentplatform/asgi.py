@@ -15,10 +15,11 @@ from .asgi_handler import PlatformASGIHandler  # noqa: E402
 
 django_asgi_app = PlatformASGIHandler()
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from channels.sessions import SessionMiddlewareStack  # noqa: E402
 from django.conf import settings  # noqa: E402
+
+from agents.routing import websocket_urlpatterns  # noqa: E402
 
 from .middleware import BodySizeLimitASGI  # noqa: E402
 
@@ -28,10 +29,11 @@ if settings.SERVE_STATIC:
 
     http_app = ASGIStaticFilesHandler(http_app)
 
-# WebSocket routes (agents.routing) arrive with the WebSocket streaming issue.
-websocket_urlpatterns: list = []
-
+# WebSockets: the session cookie is parsed (lazily: no query unless a consumer reads it), but no
+# Origin check happens here: server clients authenticate with a Bearer key and send no Origin,
+# which channels' AllowedHostsOriginValidator would refuse. The consumer checks the Host against
+# ALLOWED_HOSTS and honours a session only from this site's own Origin (agents.consumers).
 application = ProtocolTypeRouter({
     "http": BodySizeLimitASGI(http_app, settings.MAX_REQUEST_BYTES),
-    "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+    "websocket": SessionMiddlewareStack(URLRouter(websocket_urlpatterns)),
 })

@@ -6,7 +6,8 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.authentication import SessionAuthentication
 
-from agents import openai_views, views
+from agents import console, openai_views, views
+from billing.dashboard import dashboard_view
 from governance.authentication import ApiKeyAuthentication
 
 from . import health
@@ -34,6 +35,15 @@ urlpatterns = [
     # A page for people: staff signed in to the admin (others are sent to its login page).
     path("api/docs/", staff_member_required(SpectacularSwaggerView.as_view(url_name="schema", **docs_auth)),
          name="docs"),
+    # The chat console for staff (its page and the JSON it reads; the chat itself is the WebSocket).
+    path("console/api/agents", console.AgentsView.as_view(), name="console-agents"),
+    path("console/api/sessions", console.SessionsView.as_view(), name="console-sessions"),
+    path("console/api/sessions/<uuid:session_id>", console.SessionDetailView.as_view(), name="console-session"),
+    path("console/api/feedback", console.FeedbackView.as_view(), name="console-feedback"),
+    path("console/", console.console_page, name="console"),
+    path("console/<str:agent>/", console.console_page, name="console-agent"),
+    # The cost dashboard: an admin page (staff; admin_view sends others to the login page).
+    path("admin/billing/dashboard/", admin.site.admin_view(dashboard_view), name="billing_dashboard"),
     path("admin/", admin.site.urls),
 ]
 
