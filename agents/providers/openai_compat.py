@@ -4,7 +4,8 @@ compatibility endpoint) through the official SDK's AsyncOpenAI client.
 One client, hence one connection pool, per provider per process (per event loop, since an
 httpx pool cannot move between loops; a server has one loop). Non-streaming calls go through the
 SDK's raw `client.post` and read the JSON body instead of building its pydantic objects: same
-request, same errors, less CPU on the hot path.
+request, same errors, less CPU on the hot path. Streaming calls take the same door with
+stream=True and parse the server-sent events themselves (SSEDecoder + json.loads per event).
 """
 
 from __future__ import annotations
@@ -136,45 +137,70 @@ class OpenAICompatibleProvider(Provider):
 
     async def stream(self, call: ModelCall) -> AsyncIterator[TextDelta | Completion]:
         client = self._client()
+        kwargs = self._kwargs(call)
+        timeout = kwargs.pop("timeout")
         parts: list[str] = []
         calls: dict[int, dict] = {}
         usage: Usage | None = None
         finish_reason = "stop"
         model = call.model
         try:
-            stream = await client.chat.completions.create(
-                **self._kwargs(call), stream=True, stream_options={"include_usage": True})
+            # complete()'s door with stream=True: the SDK still sends the request (auth, base
+            # URL, timeouts, its transport) and raises the status errors that come before the
+            # body, but hands back the unread response. Its AsyncStream would build a pydantic
+            # ChatCompletionChunk per token, most of a stream's CPU; we json.loads the events.
+            response = await client.post(
+                "/chat/completions", cast_to=httpx.Response,
+                body={**kwargs, "stream": True, "stream_options": {"include_usage": True}},
+                options={"timeout": timeout}, stream=True)
             try:
-                async for chunk in stream:
-                    model = chunk.model or model
-                    if chunk.usage is not None:
-                        usage = Usage(chunk.usage.prompt_tokens or 0, chunk.usage.completion_tokens or 0)
-                    for choice in chunk.choices:
-                        delta = choice.delta
-                        if delta.content:
-                            parts.append(delta.content)
-                            yield TextDelta(delta.content)
-                        for tc in delta.tool_calls or []:
-                            slot = calls.setdefault(tc.index, {"id": "", "name": "", "arguments": []})
-                            if tc.id:
-                                slot["id"] = tc.id
-                            if tc.function is not None:
-                                if tc.function.name:
-                                    slot["name"] = tc.function.name
-                                if tc.function.arguments:
-                                    slot["arguments"].append(tc.function.arguments)
-                        if choice.finish_reason:
-                            finish_reason = choice.finish_reason
+                decoder = SSEDecoder()
+                done = False
+                async for raw in response.aiter_bytes():
+                    for data in decoder.feed(raw):
+                        if data.startswith(b"[DONE]"):
+                            done = True
+                            break
+                        chunk = json.loads(data)
+                        if chunk.get("error"):
+                            raise _stream_error(chunk, response)
+                        model = chunk.get("model") or model
+                        if (chunk_usage := chunk.get("usage")) is not None:
+                            usage = Usage(int(chunk_usage.get("prompt_tokens") or 0),
+                                          int(chunk_usage.get("completion_tokens") or 0))
+                        for choice in chunk.get("choices") or ():
+                            delta = choice.get("delta") or {}
+                            if content := delta.get("content"):
+                                if not isinstance(content, str):
+                                    raise TypeError("content is not a string")
+                                parts.append(content)
+                                yield TextDelta(content)
+                            for tc in delta.get("tool_calls") or ():
+                                slot = calls.setdefault(tc.get("index") or 0, {"id": "", "name": "", "arguments": []})
+                                if tc.get("id"):
+                                    slot["id"] = tc["id"]
+                                if function := tc.get("function"):
+                                    if function.get("name"):
+                                        slot["name"] = function["name"]
+                                    if function.get("arguments"):
+                                        slot["arguments"].append(function["arguments"])
+                            if choice.get("finish_reason"):
+                                finish_reason = choice["finish_reason"]
+                    if done:
+                        break
             finally:
-                # Closing the stream closes the upstream response: a client that went away
-                # stops the generation we pay for.
-                await stream.close()
+                # Closing the response closes the upstream connection: a client that went
+                # away stops the generation we pay for.
+                await response.aclose()
+            tool_calls = [ToolCall(id=slot["id"] or f"call_{index}", name=slot["name"],
+                                   arguments="".join(slot["arguments"]) or "{}")
+                          for index, slot in sorted(calls.items())]
+            content = "".join(parts)
         except (openai.APIError, httpx.HTTPError, asyncio.TimeoutError) as exc:
             raise provider_error(exc, self.name) from exc
-        tool_calls = [ToolCall(id=slot["id"] or f"call_{index}", name=slot["name"],
-                               arguments="".join(slot["arguments"]) or "{}")
-                      for index, slot in sorted(calls.items())]
-        content = "".join(parts)
+        except (ValueError, TypeError, AttributeError) as exc:  # JSON (and UTF-8) errors are ValueErrors
+            raise ProviderError(f"{self.name} sent a stream event that is not a chat completion chunk.",
+                                code="upstream_bad_response") from exc
         if usage is None:
             usage = _estimated_usage(call, content, tool_calls)
         yield Completion(content=content, tool_calls=tool_calls, usage=usage, finish_reason=finish_reason, model=model)
@@ -183,6 +209,61 @@ class OpenAICompatibleProvider(Provider):
         clients, self._clients = self._clients, {}
         for client in clients.values():
             await client.close()
+
+
+def _stream_error(chunk: dict, response: httpx.Response) -> openai.APIError:
+    """An error event inside a 200 stream, as the SDK's AsyncStream reports it."""
+    error = chunk["error"]
+    message = error.get("message") if isinstance(error, dict) else None
+    if not message or not isinstance(message, str):
+        message = "An error occurred during streaming"
+    return openai.APIError(message, response.request, body=error)
+
+
+class SSEDecoder:
+    """Server-sent events from raw bytes: `feed` returns the data of each event it completed.
+
+    Per the SSE spec: lines end with LF, CRLF or CR (a CRLF may be split across reads); an
+    event is its `data:` lines joined by LF and ends at a blank line; lines starting with `:`
+    (comments, heartbeats) and other fields (event, id, retry) are skipped, as are events
+    without data; an unfinished event at the end of the stream is dropped. Bytes, not str:
+    a multi-byte character split across reads is only decoded whole, by json.loads.
+    """
+
+    __slots__ = ("_tail", "_data", "_skip_lf")
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self._data: list[bytes] = []
+        self._skip_lf = False
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        buffer = self._tail + chunk if self._tail else chunk
+        if b"\r" in buffer:
+            # A CR at the very end may be half of a CRLF: its LF must not end a second line.
+            self._skip_lf = buffer.endswith(b"\r")
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = buffer.split(b"\n")
+        self._tail = lines.pop()
+        events: list[bytes] = []
+        data = self._data
+        for line in lines:
+            if not line:
+                if data:
+                    event = data[0] if len(data) == 1 else b"\n".join(data)
+                    if event.strip():  # `data:` alone is a keep-alive some servers send
+                        events.append(event)
+                    data = []
+            elif line.startswith(b"data:"):
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif line == b"data":
+                data.append(b"")
+        self._data = data
+        return events
 
 
 def _estimated_usage(call: ModelCall, content: str, tool_calls: list[ToolCall]) -> Usage:
