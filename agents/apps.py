@@ -7,3 +7,4 @@ class AgentsConfig(AppConfig):
 
     def ready(self) -> None:
         from . import signals  # noqa: F401  (cache invalidation on save)
+        from . import ws_signals  # noqa: F401  (WebSockets closed when their credentials end)

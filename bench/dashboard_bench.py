@@ -32,6 +32,14 @@ Cases (range = the dashboard's default last 30 days, or all 90):
                                 rollups; same run, same data)
     late record 30d             the dashboard after one record arrived in an already rolled-up day
                                 (that day read from the records until rebuilt)
+    api usage 30d / 90d         GET /api/v1/usage?group_by=day through Django's test client (an admin
+                                API key): billing.rollups, as the endpoint answers now
+    api direct 30d / 90d        the same answer (total + per day) straight over UsageRecord, as the
+                                endpoint computed it before it used the rollups
+    rollup query 1d             the aggregate rollup_day runs for one day (requests = records that
+                                start their run, one NOT EXISTS probe per record on the run_id index)
+    rollup query distinct 1d    the same aggregate with requests = COUNT(DISTINCT run_id), the
+                                previous per-model rule
 
 It prints a table per backend with the ratios naive / dashboard, and one JSON line.
 """
@@ -55,7 +63,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ["dashboard 30d", "dashboard 90d", "dashboard 30d agent=", "page 30d", "csv daily 90d", "plan 30d",
-         "plan 90d", "naive 30d", "naive 90d", "late record 30d"]
+         "plan 90d", "naive 30d", "naive 90d", "late record 30d", "api usage 30d", "api usage 90d",
+         "api direct 30d", "api direct 90d", "rollup query 1d", "rollup query distinct 1d"]
 AGENTS = [("assistant", "openai/gpt-4o-mini"), ("researcher", "openai/gpt-4.1"), ("coder", "anthropic/claude-sonnet-4"),
           ("triage", "openai/gpt-4.1-nano"), ("summarizer", "anthropic/claude-3-5-haiku"), ("support", "openai/gpt-4o")]
 FALLBACK = {"openai/gpt-4o-mini": "anthropic/claude-3-5-haiku", "openai/gpt-4.1": "anthropic/claude-sonnet-4",
@@ -235,6 +244,42 @@ def _naive(start, end) -> dict:
     return out
 
 
+def _api_direct(start, end) -> dict:
+    """GET /api/v1/usage?group_by=day as it was computed before the rollups: total and per day
+    straight over UsageRecord, requests = distinct runs per group."""
+    from datetime import timezone as dt_timezone
+    from decimal import Decimal
+
+    from django.db.models import Count, Sum
+    from django.db.models.functions import Coalesce, TruncDay
+
+    from billing.models import UsageRecord
+
+    sums = {"requests": Count("run_id", distinct=True), "prompt_tokens": Coalesce(Sum("prompt_tokens"), 0),
+            "completion_tokens": Coalesce(Sum("completion_tokens"), 0), "cost_usd": Coalesce(Sum("cost_usd"), Decimal("0"))}
+    rows = UsageRecord.objects.filter(created_at__gte=start, created_at__lt=end).order_by()
+    return {"total": rows.aggregate(**sums),
+            "groups": list(rows.annotate(group=TruncDay("created_at", tzinfo=dt_timezone.utc)).values("group")
+                           .annotate(**sums).order_by("group"))}
+
+
+def _rollup_query(day, distinct: bool):
+    """The aggregate rollup_day runs for one day (without writing the rows)."""
+    from datetime import timedelta
+
+    from django.db.models import Count
+
+    from billing.models import UsageRecord
+    from billing.rollups import _FINE, _midnight, _record_sums
+
+    sums = _record_sums()
+    if distinct:
+        sums["requests"] = Count("run_id", distinct=True)
+    start = _midnight(day)
+    return (UsageRecord.objects.filter(created_at__gte=start, created_at__lt=start + timedelta(days=1)).order_by()
+            .values(*_FINE).annotate(**sums))
+
+
 def worker_case(case: str, repeat: int) -> dict:
     _setup_django()
     from datetime import timedelta
@@ -265,6 +310,19 @@ def worker_case(case: str, repeat: int) -> dict:
         # Load the URLconf, the admin and the template (a 400 page: no usage query), so that
         # `first` measures the database, not Python's imports and template compilation.
         assert client.get("/admin/billing/dashboard/", {"from": "warm-up"}).status_code == 400
+        connections.close_all()
+
+    if case.startswith("api usage"):
+        from governance.services import api_key_create
+
+        client = Client()
+        _, secret = api_key_create(name=f"bench-admin-{os.getpid()}", role="admin")
+        client.defaults["HTTP_AUTHORIZATION"] = f"Bearer {secret}"
+        assert client.get("/api/v1/usage", {"group_by": "week"}).status_code == 400  # imports, URLconf
+        connections.close_all()
+    rollup_day_probe = today - timedelta(days=5)
+    if case.startswith("rollup query"):
+        extra["plan"] = _rollup_query(rollup_day_probe, "distinct" in case).explain()
         connections.close_all()
 
     if case == "late record 30d":
@@ -307,6 +365,17 @@ def worker_case(case: str, repeat: int) -> dict:
             return _naive(*bounds(d30))
         if case == "naive 90d":
             return _naive(*bounds(d90))
+        if case in ("api usage 30d", "api usage 90d"):
+            response = client.get("/api/v1/usage", {**(d30 if "30d" in case else d90), "group_by": "day"})
+            assert response.status_code == 200, response.status_code
+            return response.json()
+        if case in ("api direct 30d", "api direct 90d"):
+            return _api_direct(*bounds(d30 if "30d" in case else d90))
+        if case.startswith("rollup query"):
+            from billing.rollups import _without_jit
+
+            with _without_jit():  # as rollup_day runs it
+                return list(_rollup_query(rollup_day_probe, "distinct" in case))
         raise SystemExit(f"unknown case {case!r}")
 
     t0 = time.perf_counter()
@@ -412,6 +481,10 @@ def print_table(result: dict) -> None:
         naive, dash = cases[f"naive {days}"], cases[f"dashboard {days}"]
         print(f"naive / dashboard {days}: first {naive['first_s'] / dash['first_s']:.1f}x, "
               f"warm {naive['warm_median_s'] / dash['warm_median_s']:.1f}x")
+    for days in ("30d", "90d"):
+        direct, api = cases[f"api direct {days}"], cases[f"api usage {days}"]
+        print(f"GET /api/v1/usage {days}: direct over UsageRecord / through rollups: "
+              f"first {direct['first_s'] / api['first_s']:.1f}x, warm {direct['warm_median_s'] / api['warm_median_s']:.1f}x")
     late = cases["late record 30d"]
     print(f"late record in {late.get('late_record_day')}: stale days {late.get('source', {}).get('stale_days')}, "
           f"warm {late['warm_median_s'] * 1000:.1f} ms; rollup_pending_days healed {late.get('healed_days')} days "

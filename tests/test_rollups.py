@@ -79,9 +79,12 @@ def world(db) -> World:
 
 
 def expected(start: datetime, end: datetime, dims: tuple[str, ...] = (), **filters) -> dict:
-    """The documented answer computed in Python from the records: sums, and requests = distinct
-    runs per (day, agent, key, model)."""
-    groups: dict[tuple, dict] = defaultdict(lambda: {"requests": set(), "calls": 0, "prompt_tokens": 0,
+    """The documented answer computed in Python from the records: sums, and requests = the runs
+    whose first record (lowest id, over all of the run's records) is among those counted."""
+    firsts: dict[int, int] = {}
+    for record_id, run_id in UsageRecord.objects.filter(run__isnull=False).order_by("id").values_list("id", "run_id"):
+        firsts.setdefault(run_id, record_id)
+    groups: dict[tuple, dict] = defaultdict(lambda: {"requests": 0, "calls": 0, "prompt_tokens": 0,
                                                       "completion_tokens": 0, "cost_usd": Decimal("0")})
     for r in UsageRecord.objects.select_related("agent", "api_key").filter(created_at__gte=start,
                                                                             created_at__lt=end):
@@ -91,15 +94,15 @@ def expected(start: datetime, end: datetime, dims: tuple[str, ...] = (), **filte
         if any(values[name] != value for name, value in filters.items()):
             continue
         g = groups[tuple(values[d] for d in dims)]
-        if r.run_id:
-            g["requests"].add((values["day"], r.agent_id, r.api_key_id, r.model, r.run_id))
+        if r.run_id and firsts[r.run_id] == r.id:
+            g["requests"] += 1
         g["calls"] += 1
         g["prompt_tokens"] += r.prompt_tokens
         g["completion_tokens"] += r.completion_tokens
         g["cost_usd"] += r.cost_usd
     out = []
     for key, g in groups.items():
-        out.append({**dict(zip(dims, key)), **g, "requests": len(g["requests"])})
+        out.append({**dict(zip(dims, key)), **g})
     total = {"requests": sum(g["requests"] for g in out), "calls": sum(g["calls"] for g in out),
              "prompt_tokens": sum(g["prompt_tokens"] for g in out),
              "completion_tokens": sum(g["completion_tokens"] for g in out),
@@ -137,8 +140,12 @@ def test_it_answers_the_same_from_records_and_from_rollups(world):
 
     total = usage_summary(start=start, end=end)["total"]
     assert total["cost_usd"] == Decimal("5.115") and total["calls"] == 11
-    # The fallback run counts once per model, the run across midnight once per day.
-    assert total["requests"] == 9
+    # Each run once: the fallback run under its first model, the run across midnight on its first day.
+    assert total["requests"] == 7
+    by_model = {g["model"]: g["requests"] for g in usage_summary(start=start, end=end, group_by="model")["groups"]}
+    assert by_model == {"m/a": 3, "m/b": 3, "m/c": 1}
+    by_day = [g["requests"] for g in usage_summary(start=start, end=end, group_by="day")["groups"]]
+    assert by_day == [2, 1, 3, 1]
 
 
 def test_a_rolled_up_day_is_one_row_per_agent_key_and_model(world):
@@ -147,7 +154,9 @@ def test_a_rolled_up_day_is_one_row_per_agent_key_and_model(world):
     first = rows[(world.one.id, world.alice.id, "m/a")]
     assert (first.requests, first.calls, first.prompt_tokens, first.completion_tokens, first.cost_usd) == \
         (1, 2, 1300, 220, Decimal("0.0150"))
-    assert rows[(world.one.id, world.bob.id, "m/b")].requests == 1
+    # The fallback run started on m/a: its request is in that row, its m/b row has calls only.
+    assert [(rows[(world.one.id, world.bob.id, m)].requests, rows[(world.one.id, world.bob.id, m)].calls)
+            for m in ("m/a", "m/b")] == [(1, 1), (0, 1)]
 
     # Rebuilt as a whole: the same rows again, not twice as many.
     assert rollup_day(world.day(-3)) == 3

@@ -121,7 +121,9 @@ async def test_it_groups_usage(usage):
     assert [(g["day"], g["requests"], g["cost_usd"]) for g in by_day] == [
         ("2025-03-01", 1, "0.10000015"), ("2025-03-02", 2, "3.50000000")]
     by_model = (await api.get(USAGE, params={**params, "group_by": "model"})).json()["groups"]
-    assert [(g["model"], g["requests"]) for g in by_model] == [("openai/a", 3), ("openai/b", 1)]
+    # Alice's first run fell back from openai/a to openai/b: it counts under the model it started on.
+    assert [(g["model"], g["requests"], g["cost_usd"]) for g in by_model] == [
+        ("openai/a", 3, "3.50000015"), ("openai/b", 0, "0.10000000")]
     by_agent = (await api.get(USAGE, params={**params, "group_by": "agent", "model": "openai/a"})).json()["groups"]
     assert [(g["agent"], g["cost_usd"]) for g in by_agent] == [("one", "2.00000015"), ("two", "1.50000000")]
     by_key = (await Api(usage["alice"]).get(USAGE, params={**params, "group_by": "key"})).json()["groups"]
@@ -134,3 +136,104 @@ async def test_it_defaults_to_this_month_and_validates(usage):
     assert_error(await Api(usage["admin"]).get(USAGE, params={"from": "yesterday"}), 400, param="from")
     assert_error(await Api(usage["admin"]).get(USAGE, params={"group_by": "week"}), 400, param="group_by")
     assert_error(await Api().get(USAGE), 401)
+
+
+# --- usage from the daily rollups ------------------------------------------------------------
+
+
+def _at(day: int, hour: int, minute: int = 0) -> datetime:
+    return datetime(2025, 3, day, hour, minute, tzinfo=dt_timezone.utc)
+
+
+@pytest.fixture
+def runs(make_key, make_agent):
+    """March 2025: a run that falls back from openai/a to openai/b on the 10th, a run across
+    midnight from the 10th to the 11th, a one-call run on the 11th, a record without a run."""
+    from agents.models import Run
+
+    alice, admin = make_key(), make_key("admin")
+    agent = make_agent(name="fb")
+    api_key = ApiKey.objects.get(prefix=alice.split("_")[1])
+
+    def record(when, model, cost, run=None):
+        return UsageRecord.objects.create(created_at=when, api_key=api_key, agent=agent, model=model, run=run,
+                                          prompt_tokens=100, completion_tokens=10, cost_usd=Decimal(cost),
+                                          request_id=str(uuid.uuid4()))
+
+    def run(started):
+        return Run.objects.create(agent=agent, api_key=api_key, started_at=started)
+
+    fallback, night, single = run(_at(10, 9)), run(_at(10, 23)), run(_at(11, 8))
+    record(_at(10, 9), "openai/a", "0", fallback)  # failed upstream, billed nothing
+    record(_at(10, 9, 1), "openai/b", "0.5", fallback)
+    record(_at(10, 23, 59), "openai/a", "0.25", night)
+    record(_at(11, 0, 1), "openai/a", "0.25", night)
+    record(_at(11, 8), "openai/b", "1", single)
+    record(_at(11, 9), "openai/a", "0.125")
+    return {"alice": alice, "admin": admin, "record": record, "run": run}
+
+
+async def _all_groupings(api: Api, params: dict) -> dict:
+    out = {}
+    for group_by in (None, "day", "agent", "model", "key"):
+        response = await api.get(USAGE, params={**params, **({"group_by": group_by} if group_by else {})})
+        assert response.status_code == 200, response.text
+        out[group_by] = response.json()
+    return out
+
+
+async def test_a_run_that_fell_back_to_another_model_is_one_request(runs):
+    api = Api(runs["alice"])
+    body = (await api.get(USAGE, params={"from": "2025-03-10", "to": "2025-03-10"})).json()
+    # Day 10: the fallback run (two models) and the run that started before midnight.
+    assert body["total"] == {"requests": 2, "prompt_tokens": 300, "completion_tokens": 30, "cost_usd": "0.75000000"}
+    body = (await api.get(USAGE, params={"from": "2025-03-01", "to": "2025-03-31", "group_by": "day"})).json()
+    assert body["total"]["requests"] == 3  # three runs; the record without a run is no request
+    assert [(g["day"], g["requests"], g["cost_usd"]) for g in body["groups"]] == [
+        ("2025-03-10", 2, "0.75000000"), ("2025-03-11", 1, "1.37500000")]
+    by_model = (await api.get(USAGE, params={"from": "2025-03-01", "to": "2025-03-31", "group_by": "model"})).json()
+    assert [(g["model"], g["requests"]) for g in by_model["groups"]] == [("openai/a", 2), ("openai/b", 1)]
+    assert sum(g["requests"] for g in by_model["groups"]) == 3
+
+
+async def test_rolled_up_days_answer_the_same_as_records(runs):
+    from billing.rollups import rollup_day, usage_plan
+
+    api = Api(runs["admin"])
+    params = {"from": "2025-03-01", "to": "2025-03-31"}
+    before = await _all_groupings(api, params)
+    await orm(rollup_day, datetime(2025, 3, 10).date())  # the 10th from rollups, the 11th from records
+    plan = await orm(usage_plan, _at(1, 0), datetime(2025, 4, 1, tzinfo=dt_timezone.utc))
+    assert plan.rolled_days == 1 and plan.stale == ()
+    assert await _all_groupings(api, params) == before
+    await orm(rollup_day, datetime(2025, 3, 11).date())
+    assert await _all_groupings(api, params) == before
+    assert before[None]["total"]["requests"] == 3
+
+
+async def test_a_late_record_after_the_rollup_stays_exact(runs):
+    from billing.rollups import rollup_day, usage_plan
+
+    api = Api(runs["admin"])
+    params = {"from": "2025-03-10", "to": "2025-03-11", "group_by": "day"}
+    for day in (10, 11):
+        await orm(rollup_day, datetime(2025, 3, day).date())
+    assert (await api.get(USAGE, params=params)).json()["total"]["requests"] == 3
+
+    # Late writes into the rolled-up 10th: a new run, and another call of the run across midnight.
+    late_run = await orm(runs["run"], _at(10, 12))
+    await orm(runs["record"], _at(10, 12), "openai/b", "2", late_run)
+    from agents.models import Run
+
+    night = await orm(lambda: Run.objects.get(started_at=_at(10, 23)))
+    await orm(runs["record"], _at(10, 23, 30), "openai/b", "0.5", night)
+    plan = await orm(usage_plan, _at(10, 0), _at(12, 0))
+    assert plan.stale == (datetime(2025, 3, 10).date(),)
+    body = (await api.get(USAGE, params=params)).json()
+    assert body["total"]["requests"] == 4 and body["total"]["cost_usd"] == "4.62500000"
+    assert [(g["day"], g["requests"], g["cost_usd"]) for g in body["groups"]] == [
+        ("2025-03-10", 3, "3.25000000"), ("2025-03-11", 1, "1.37500000")]
+    # Rebuilt: the same answer from rollups alone.
+    await orm(rollup_day, datetime(2025, 3, 10).date())
+    assert (await orm(usage_plan, _at(10, 0), _at(12, 0))).raw == ()
+    assert (await api.get(USAGE, params=params)).json() == body

@@ -470,15 +470,19 @@ async def test_it_refuses_a_handshake_for_a_host_not_allowed(make_agent, key):
     assert not connected
 
 
-async def test_a_revoked_key_ends_the_connection_at_its_next_message(make_agent, key):
-    from governance.models import ApiKey
-    from governance.services import api_key_revoke, split_key
+async def test_a_key_that_expires_meanwhile_ends_the_connection_at_its_next_message(make_agent, make_key):
+    # Nothing is saved when a key expires, so nothing is pushed: the check at every message is
+    # what ends the connection (as it does when a pushed close is lost).
+    from datetime import timedelta
+
+    from django.utils import timezone
 
     await orm(make_agent, name="helper")
+    key = await orm(make_key, expires_at=timezone.now() + timedelta(seconds=1.5))
     async with ws("helper", key) as c:
         await send_message(c, "first")
         assert (await turn_frames(c))[-1]["type"] == "done"
-        await orm(lambda: api_key_revoke(api_key=ApiKey.objects.get(prefix=split_key(key))))
+        await asyncio.sleep(1.6)
         await send_message(c, "second")
         error, code = await closed_with(c)
 
@@ -837,3 +841,67 @@ async def test_an_idle_connection_is_closed_4408(make_agent, key, settings):
         error, code = await closed_with(c)
 
     assert code == 4408 and error["code"] == "idle_timeout"
+
+
+# --- connections closed the moment their credentials end -----------------------------------
+
+
+async def test_revoking_a_key_closes_its_open_connections_at_once(make_agent, key):
+    from governance.models import ApiKey
+    from governance.services import api_key_revoke, split_key
+
+    await orm(make_agent, name="helper")
+    async with ws("helper", key) as c:
+        await orm(lambda: api_key_revoke(api_key=ApiKey.objects.get(prefix=split_key(key))))
+        error, code = await closed_with(c)  # no message needed: the close is pushed
+
+    assert code == 4401 and error["message"] == "The API key was revoked or disabled."
+
+
+async def test_disabling_a_key_closes_its_connections_but_editing_a_live_one_does_not(make_agent, key):
+    from governance.models import ApiKey
+    from governance.services import split_key
+
+    await orm(make_agent, name="helper")
+    async with ws("helper", key) as c:
+        await orm(lambda: ApiKey.objects.get(prefix=split_key(key)).save())  # still valid: stays open
+        await c.send_json_to({"type": "ping"})
+        assert (await c.receive_json_from(timeout=5))["type"] == "pong"
+
+        def disable():
+            api_key = ApiKey.objects.get(prefix=split_key(key))
+            api_key.enabled = False
+            api_key.save()
+        await orm(disable)
+        error, code = await closed_with(c)
+
+    assert code == 4401
+
+
+async def test_a_staff_users_connections_close_when_they_lose_staff_or_sign_out(make_agent):
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    await orm(make_agent, name="helper")
+    cookie = await orm(_session_cookie, "ops")
+    User = get_user_model()
+
+    async with ws("helper", cookie=cookie, origin="http://testserver") as c:
+        await orm(lambda: User.objects.filter(username="ops").update(last_name="x"))  # no signal, no close
+        user = await orm(User.objects.get, username="ops")
+        user.is_staff = False
+        await orm(user.save)
+        error, code = await closed_with(c)
+    assert code == 4403 and error["message"] == "Staff access ended."
+
+    await orm(lambda: User.objects.filter(username="ops").update(is_staff=True))
+    cookie = await orm(_session_cookie, "ops2")
+    async with ws("helper", cookie=cookie, origin="http://testserver") as c:
+        def sign_out():  # the admin's own logout, with that session's cookie
+            client = Client()
+            client.cookies[settings.SESSION_COOKIE_NAME] = cookie
+            assert client.post("/admin/logout/").status_code == 200
+        await orm(sign_out)
+        error, code = await closed_with(c)
+    assert code == 4401 and error["message"] == "Signed out."
