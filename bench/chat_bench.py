@@ -416,15 +416,20 @@ def wait_http_ok(port: int, proc: subprocess.Popen, log: Path, timeout: float = 
     raise SetupError(f"the server did not answer /health within {timeout:.0f}s:\n{log_tail(log)}")
 
 
-def peak_rss_mb(pid: int) -> float | None:
+def proc_status_mb(pid: int, field: str) -> float | None:
+    """A memory figure of /proc/<pid>/status in MB (VmRSS: now; VmHWM: the peak)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
     return None
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    return proc_status_mb(pid, "VmHWM")
 
 
 # --------------------------------------------------------------------------- report

@@ -60,14 +60,7 @@ def raise_fd_limit(needed: int) -> int:
 
 
 def vm_rss_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
+    return cb.proc_status_mb(pid, "VmRSS")
 
 
 def pct(values: list, q: float) -> float | None:

@@ -183,10 +183,10 @@ def parse_sse(text: str) -> list[dict]:
     return events
 
 
-def assert_error(response: httpx.Response, status: int, code: str | None = None, *,
-                 param: str | None = None) -> dict:
-    """The response is an error in our one JSON shape and names its request id; returns the error."""
-    assert response.status_code == status, (response.status_code, response.text[:500])
+def error_body(response, status: int, code: str | None = None, *, param: str | None = None) -> dict:
+    """The response (httpx's or Django's test client's) is an error in our one JSON shape;
+    returns the error."""
+    assert response.status_code == status, (response.status_code, response.content[:500])
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]
     assert {"type", "code", "message", "request_id"} <= set(error), error
@@ -195,6 +195,13 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None,
         assert error["code"] == code, error
     if param is not None:
         assert error.get("param") == param, error
+    return error
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None, *,
+                 param: str | None = None) -> dict:
+    """The response is an error in our one JSON shape and names its request id; returns the error."""
+    error = error_body(response, status, code, param=param)
     assert response.headers.get("X-Request-ID"), "every error names its request"
     assert error["request_id"] == response.headers["X-Request-ID"]
     return error

@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from agents.models import Agent, Message, Run, Session
 from billing.models import UsageRecord
+from conftest import error_body as json_error
 from governance.models import AuditLog
 
 SESSIONS = "/console/api/sessions"
@@ -75,20 +76,6 @@ def make_turn(agent: Agent, *, user=None, api_key=None, title: str = "A chat", a
         UsageRecord.objects.create(created_at=now, run=run, agent=agent, model="local/demo", prompt_tokens=20,
                                    completion_tokens=5, cost_usd=Decimal(cost))
     return session, run
-
-
-def json_error(response, status: int, code: str | None = None, *, param: str | None = None) -> dict:
-    """The response is an error in the platform's one JSON shape."""
-    assert response.status_code == status, (response.status_code, response.content[:500])
-    assert response["Content-Type"].startswith("application/json")
-    error = response.json()["error"]
-    assert {"type", "code", "message", "request_id"} <= set(error), error
-    assert error["message"]
-    if code is not None:
-        assert error["code"] == code, error
-    if param is not None:
-        assert error.get("param") == param, error
-    return error
 
 
 def page_config(response) -> dict:
