@@ -4,8 +4,12 @@
                     into turn.notes, so pricing the run later needs no I/O;
     finished(turn)  sync, no I/O: prices each call of turn.run.calls and sets turn.cost_usd
                     (a Decimal, the sum of the calls' rounded costs), so `done` carries it;
-    persist(turn)   inside the run's transaction: one UsageRecord per call (bulk_create), so
-                    the usage commits or vanishes with the run it belongs to.
+    persist(turn)   inside the run's transaction: one UsageRecord per call (bulk_create, in call
+                    order), so the usage commits or vanishes with the run it belongs to. The
+                    first call's record has starts_run=True: the one record that counts the run
+                    as a request (billing.rollups). A run is persisted once (its id is the Run's
+                    primary key; an idempotent replay answers from the stored response and runs
+                    no pipeline), so exactly one record per run that has records starts it.
 
 Failed, cancelled and client-disconnected runs go through finished/persist too (the pipeline
 calls them from its `finally`). Failed calls cost the usage they reported (usually none). A
@@ -110,5 +114,5 @@ class MeteringStage:
                         request_id=(turn.request_id or "")[:128], variant=str(turn.notes.get("variant") or "")[:100],
                         prompt_tokens=c.prompt_tokens, cached_prompt_tokens=c.cached_prompt_tokens,
                         completion_tokens=c.completion_tokens, cost_usd=Decimal(c.cost_usd), estimated=c.estimated,
-                        priced=c.priced)
-            for c in calls])
+                        priced=c.priced, starts_run=index == 0 and turn.run_id is not None)
+            for index, c in enumerate(calls)])

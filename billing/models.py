@@ -57,6 +57,9 @@ class UsageRecord(models.Model):
     estimated = models.BooleanField(default=False)
     # False when the model had no price and the default price was used.
     priced = models.BooleanField(default=True)
+    # True on the first usage record of its run (the one that counts it as a request); records
+    # without a run: False.
+    starts_run = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["-created_at"]
@@ -187,7 +190,7 @@ class UsageRollup(models.Model):
     agent = models.ForeignKey("agents.Agent", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     api_key = models.ForeignKey("governance.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     model = models.CharField(max_length=200)
-    requests = models.PositiveIntegerField(default=0, help_text="Distinct runs.")
+    requests = models.PositiveIntegerField(default=0, help_text="Runs whose first usage record falls in this row.")
     calls = models.PositiveIntegerField(default=0, help_text="Usage records (model calls).")
     prompt_tokens = models.BigIntegerField(default=0)
     completion_tokens = models.BigIntegerField(default=0)

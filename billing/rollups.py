@@ -10,14 +10,16 @@ GET /api/v1/usage).
 
 A rollup row holds one (day, agent, key, model): calls (usage records), tokens, cost, and
 `requests` = the runs that START in that row: a run counts once, in the row of its first usage
-record (lowest id; records without a run are not requests). The same rule applies to the usage
-records read directly, so every metric is a plain sum and the answer never depends on which days
+record (the one metering writes with starts_run=True: its lowest id; records without a run are
+not requests). The same rule applies to the usage records read directly (SUM of starts_run, no
+per-record lookup), so every metric is a plain sum and the answer never depends on which days
 are rolled up: totals and groups by day, agent and key give distinct runs exactly (a run has one
 agent and one key); grouped or filtered by model, a run that fell back to a second model counts
 under the model it started on; a run across midnight counts on the day it started (and not at
-all in a range that starts after its first record). Record ids only grow, so a record written
-late never changes which record starts its run: a rolled-up day whose record count still matches
-(below) still has the right `requests`. Cost, tokens and calls are exact sums in every grouping.
+all in a range that starts after its first record). The flag is written with the record and
+never changes, so a record written late never changes which record starts its run: a rolled-up
+day whose record count still matches (below) still has the right `requests`. Cost, tokens and
+calls are exact sums in every grouping.
 
 Which days come from rollups. A whole UTC day inside [start, end) is read from its rollup rows
 only while they still account for every record of that day: the rows' `calls` must equal the
@@ -35,15 +37,14 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from datetime import timezone as dt_timezone
 from decimal import Decimal
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from django.db import connection, transaction
-from django.db.models import Count, Exists, Max, Min, OuterRef, Q, Sum
+from django.db.models import Count, Max, Min, Q, Sum
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
@@ -78,33 +79,9 @@ def _days(first: date, end: date) -> Iterable[date]:
         day += ONE_DAY
 
 
-def _starts_its_run() -> Q:
-    """A usage record that is its run's first (lowest id): the one record per run that counts as
-    a request. Record ids only grow, so a record written later (a late write, a backfill) never
-    changes which record that is, and the answer never depends on which days are rolled up. One
-    probe of the run_id index per record; records without a run are not requests."""
-    earlier = UsageRecord.objects.filter(run_id=OuterRef("run_id"), id__lt=OuterRef("id"))
-    return Q(run_id__isnull=False) & ~Exists(earlier)
-
-
-@contextmanager
-def _without_jit() -> Iterator[None]:
-    """On PostgreSQL, no JIT compilation for the queries inside (SET LOCAL: this transaction
-    only). The index probe per record of _starts_its_run makes a day's aggregate look expensive
-    to the planner (over jit_above_cost), and compiling it took longer (about 50 ms at 11,000
-    records) than running it."""
-    if connection.vendor != "postgresql":
-        yield
-        return
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute("SET LOCAL jit = off")
-        yield
-
-
 def _record_sums() -> dict:
     return {
-        "requests": Count("id", filter=_starts_its_run()),
+        "requests": Count("id", filter=Q(starts_run=True)),
         "calls": Count("id"),
         "prompt_tokens": Coalesce(Sum("prompt_tokens"), 0),
         "completion_tokens": Coalesce(Sum("completion_tokens"), 0),
@@ -133,9 +110,8 @@ def rollup_day(day: date) -> int:
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [_ROLLUP_LOCK_CLASS, day.toordinal()])
     start = _midnight(day)
-    with _without_jit():
-        rows = list(UsageRecord.objects.filter(created_at__gte=start, created_at__lt=start + ONE_DAY).order_by()
-                    .values(*_FINE).annotate(**_record_sums()))
+    rows = list(UsageRecord.objects.filter(created_at__gte=start, created_at__lt=start + ONE_DAY).order_by()
+                .values(*_FINE).annotate(**_record_sums()))
     built = [UsageRollup(day=day, agent_id=row["agent_id"], api_key_id=row["api_key_id"], model=row["model"],
                          requests=row["requests"], calls=row["calls"], prompt_tokens=row["prompt_tokens"],
                          completion_tokens=row["completion_tokens"], cost_usd=row["cost_usd"])
@@ -324,12 +300,11 @@ class UsageQuery:
 
     def _read_raw(self, lo: datetime, hi: datetime) -> list[dict]:
         records = UsageRecord.objects.filter(created_at__gte=lo, created_at__lt=hi, **self._where).order_by()
-        with _without_jit():
-            if _utc_day(lo) == _utc_day(hi - timedelta(microseconds=1)):
-                day = _utc_day(lo)
-                return [{"day": day, **row} for row in records.values(*_FINE).annotate(**_record_sums())]
-            return list(records.annotate(day=TruncDate("created_at", tzinfo=dt_timezone.utc))
-                        .values("day", *_FINE).annotate(**_record_sums()))
+        if _utc_day(lo) == _utc_day(hi - timedelta(microseconds=1)):
+            day = _utc_day(lo)
+            return [{"day": day, **row} for row in records.values(*_FINE).annotate(**_record_sums())]
+        return list(records.annotate(day=TruncDate("created_at", tzinfo=dt_timezone.utc))
+                    .values("day", *_FINE).annotate(**_record_sums()))
 
     def summary(self, group_by: str | Sequence[str] | None = None) -> dict:
         """{"total": {requests, calls, prompt_tokens, completion_tokens, cost_usd (Decimal)},

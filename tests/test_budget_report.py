@@ -46,7 +46,7 @@ def budgets(db):
         run = Run.objects.create(agent=agent, api_key=key, transport=Run.Transport.REST, started_at=when)
         UsageRecord.objects.create(created_at=when, agent=agent, api_key=key, model=model, run=run,
                                    prompt_tokens=1000, completion_tokens=100, cost_usd=Decimal(cost),
-                                   request_id=str(uuid.uuid4()))
+                                   request_id=str(uuid.uuid4()), starts_run=True)
     rollup_pending_days()
     monthly = budget_create(scope="global", period="month", limit_usd=Decimal("10"), name="All")
     weekly = budget_create(scope="agent", agent_name="coder", period="week", limit_usd=Decimal("2"), hard=False)

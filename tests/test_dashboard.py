@@ -51,7 +51,7 @@ def usage(db):
                                  status=Run.Status.SUCCEEDED)
         UsageRecord.objects.create(created_at=when, agent=agent, api_key=key, model=model, run=run,
                                    prompt_tokens=prompt, completion_tokens=completion, cost_usd=Decimal(cost),
-                                   request_id=str(uuid.uuid4()))
+                                   request_id=str(uuid.uuid4()), starts_run=True)
 
     yesterday = today - timedelta(days=1)
     record(at(yesterday, 9), writer, alice, "openai/gpt-4o-mini", "1.25")

@@ -56,7 +56,8 @@ for ago in range(13, -1, -1):
                                      status="succeeded")
             rows.append(UsageRecord(created_at=when, agent=agents[agent], api_key=keys[key],
                                     model=agents[agent].model, run=run, prompt_tokens=900 + 10 * n,
-                                    completion_tokens=150, cost_usd=Decimal(cost), request_id=str(uuid.uuid4())))
+                                    completion_tokens=150, cost_usd=Decimal(cost), request_id=str(uuid.uuid4()),
+                                    starts_run=True))
 UsageRecord.objects.bulk_create(rows)
 rollup_pending_days(now=now)
 monthly = budget_create(scope="global", period="month", limit_usd=Decimal("5"), name="Platform")

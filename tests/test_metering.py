@@ -191,6 +191,35 @@ async def test_it_records_the_failed_call_and_the_fallback(make_agent, key, open
     assert body["cost_usd"] == "0.00001050"
 
 
+def starts_by_run() -> dict:
+    """run id → its records' starts_run flags, in record id order."""
+    out: dict = {}
+    for record in records():
+        out.setdefault(record.run_id, []).append(record.starts_run)
+    return out
+
+
+async def test_it_marks_the_first_record_of_each_run_as_its_start(make_agent, key, openai_settings):
+    """starts_run: True on exactly one record per run, its first (lowest id) — the record that
+    counts the run as a request in usage figures — for a tool loop and for a run that fell back
+    to a second model mid tool loop."""
+    await orm(price)
+    await orm(make_agent, name="calc", model="openai/gpt-4o-mini", skills=["calculator"])
+    await orm(make_agent, name="fb", model="openai/fault-500-primary", fallback_models=["openai/gpt-4o-mini"],
+              skills=["calculator"])
+    ask = {"message": 'add [call:calculator {"expression": "2+2"}] [call:calculator {"expression": "3*3"}]'}
+    loop = (await Api(key).post(CHAT.format("calc"), ask)).json()
+    fallback = (await Api(key).post(CHAT.format("fb"), ask)).json()
+    single = (await Api(key).post(CHAT.format("calc"), {"message": "hello world"})).json()
+
+    flags = await orm(starts_by_run)
+    pk = Run.objects.model._meta.pk.to_python
+    assert set(flags) == {pk(loop["id"]), pk(fallback["id"]), pk(single["id"])}
+    assert flags[pk(loop["id"])] == [True, False]  # the tool calls, then the answer
+    assert flags[pk(fallback["id"])] == [True, False, False]  # the failed call, the fallback's two
+    assert flags[pk(single["id"])] == [True]
+
+
 async def test_it_meters_a_failed_run(make_agent, key, openai_settings):
     await orm(price)
     await orm(make_agent, name="gpt", model="openai/gpt-4o-mini")
@@ -198,7 +227,7 @@ async def test_it_meters_a_failed_run(make_agent, key, openai_settings):
 
     assert response.status_code >= 500
     [record] = await orm(records)
-    assert record.cost_usd == 0 and record.run_id is not None
+    assert record.cost_usd == 0 and record.run_id is not None and record.starts_run
 
 
 async def test_it_prices_an_unknown_model_at_the_default_and_flags_it(make_agent, key, openai_settings, settings):
@@ -223,6 +252,6 @@ async def test_it_meters_a_stream_the_client_left(make_agent, key, openai_settin
     run = await orm(Run.objects.get)
     assert run.status == Run.Status.CANCELLED
     [record] = await orm(records)
-    assert record.run_id == run.id and record.estimated
+    assert record.run_id == run.id and record.estimated and record.starts_run
     assert 3 <= record.completion_tokens < 200 and record.prompt_tokens > 0
     assert record.cost_usd == expected(record.prompt_tokens, record.completion_tokens) > 0

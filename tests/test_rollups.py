@@ -46,9 +46,12 @@ class World:
 
     def record(self, when: datetime, agent: Agent | None, key: ApiKey | None, model: str, cost: str,
                run: Run | None = None, prompt: int = 100, completion: int = 10) -> UsageRecord:
+        # As metering writes them: the run's first record (created first) starts it.
+        starts_run = run is not None and not UsageRecord.objects.filter(run=run).exists()
         return UsageRecord.objects.create(created_at=when, agent=agent, api_key=key, model=model, run=run,
                                           prompt_tokens=prompt, completion_tokens=completion,
-                                          cost_usd=Decimal(cost), request_id=str(uuid.uuid4()))
+                                          cost_usd=Decimal(cost), request_id=str(uuid.uuid4()),
+                                          starts_run=starts_run)
 
 
 @pytest.fixture
@@ -222,3 +225,28 @@ def test_filters_that_match_nothing_give_nothing(world):
     assert own == expected(start, end, key=world.bob.prefix)["total"]
     with pytest.raises(ValueError):
         usage_summary(start=start, end=end, group_by="week")
+
+
+def test_the_migration_marks_each_runs_first_record_as_its_start(world):
+    """billing/0004's backfill on existing records: one UPDATE sets starts_run on each run's
+    lowest-id record, which gives back the same answers."""
+    import importlib
+    from types import SimpleNamespace
+
+    from django.apps import apps
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    marked = set(UsageRecord.objects.filter(starts_run=True).values_list("id", flat=True))
+    firsts: dict = {}
+    for record_id, run_id in UsageRecord.objects.filter(run__isnull=False).order_by("id").values_list("id", "run_id"):
+        firsts.setdefault(run_id, record_id)
+    assert marked == set(firsts.values()) and len(marked) < UsageRecord.objects.filter(run__isnull=False).count()
+    UsageRecord.objects.update(starts_run=False)
+
+    migration = importlib.import_module("billing.migrations.0004_usagerecord_starts_run")
+    with CaptureQueriesContext(connection) as queries:
+        migration.mark_run_starts(apps, SimpleNamespace(connection=connection))
+    assert len(queries) == 1 and queries[0]["sql"].upper().startswith("UPDATE")
+    assert set(UsageRecord.objects.filter(starts_run=True).values_list("id", flat=True)) == marked
+    assert_exact(world, at(world.day(-3), 0), at(world.day(1), 0))

@@ -89,6 +89,7 @@ def usage(make_key, make_agent):
                       (_usage(alice, one, "openai/b", 1, "0.10000000"), r1),
                       (_usage(alice, two, "openai/a", 2, "1.5"), r2),
                       (_usage(bob, one, "openai/a", 2, "2"), r3)]:
+        record.starts_run = not UsageRecord.objects.filter(run=r).exists()  # the run's first record
         record.run = r
         record.save()
     return {"alice": alice, "bob": bob, "admin": admin}
@@ -156,9 +157,11 @@ def runs(make_key, make_agent):
     api_key = ApiKey.objects.get(prefix=alice.split("_")[1])
 
     def record(when, model, cost, run=None):
+        # As metering writes them: the run's first record (created first) starts it.
+        starts_run = run is not None and not UsageRecord.objects.filter(run=run).exists()
         return UsageRecord.objects.create(created_at=when, api_key=api_key, agent=agent, model=model, run=run,
                                           prompt_tokens=100, completion_tokens=10, cost_usd=Decimal(cost),
-                                          request_id=str(uuid.uuid4()))
+                                          request_id=str(uuid.uuid4()), starts_run=starts_run)
 
     def run(started):
         return Run.objects.create(agent=agent, api_key=api_key, started_at=started)
