@@ -242,7 +242,7 @@ class ChatTurn:
             Run.objects.create(
                 id=self.run_id, agent_id=self.agent.id, session=session,
                 api_key_id=self.principal.key_id if self.principal else None,
-                status=self.status, transport=self.transport, model=run.model,
+                status=self.status, transport=self.transport, model=_model_of(run),
                 prompt_tokens=run.usage.prompt_tokens, completion_tokens=run.usage.completion_tokens,
                 total_tokens=run.usage.total_tokens, steps=run.steps, latency_ms=self.latency_ms,
                 error_code=error.code if error else "", error_message=error.message if error else "",
@@ -288,6 +288,18 @@ class ChatTurn:
             "cost_usd": str(self.cost_usd) if self.cost_usd is not None else None,
             "latency_ms": self.latency_ms,
         }
+
+
+def _model_of(run: AgentRun) -> str:
+    """The model that answered; for a run that ended before any answered (cancelled, failed),
+    the one it was calling: the last that failed, else the agent's model or the fallback in
+    flight (each failed call moved on to the next model)."""
+    if run.model:
+        return run.model
+    if run.error is not None and run.calls:
+        return run.calls[-1].model
+    models = [run.agent.model, *run.agent.fallback_models]
+    return models[min(len(run.calls), len(models) - 1)]
 
 
 def _same(text: str) -> str:

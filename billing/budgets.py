@@ -64,8 +64,8 @@ TOTAL_EPOCH = datetime(2000, 1, 1, tzinfo=dt_timezone.utc)
 TOKENS_PER_MESSAGE = 4
 PROMPT_MARGIN_TOKENS = 32
 PROMPT_MARGIN_RATIO = Decimal("1.10")
-# The enabled budgets, cached for the hot path; budget_create drops the entry, other changes
-# (admin edits) take effect within this many seconds.
+# The enabled budgets, cached for the hot path; budget_create, budget_update and the admin drop
+# the entry on commit, other changes take effect within this many seconds.
 BUDGETS_CACHE_KEY = "billing:budgets"
 BUDGETS_CACHE_SECONDS = 30
 DEFAULT_ALERT_THRESHOLDS = [50, 75, 90, 100]
@@ -319,9 +319,6 @@ def budget_create(*, scope: str, period: str, limit_usd: Decimal, hard: bool = T
                   actor: str = "system", request_id: str = "", client_ip: str | None = None) -> Budget:
     """Create a budget; key/agent must match the scope (both for key_agent, neither for global).
     Alerts go to `alert_emails` / `alert_webhook_url`, else to the BUDGET_ALERT_* settings."""
-    from django.core.exceptions import ValidationError
-    from django.core.validators import URLValidator, validate_email
-
     from agents.models import Agent
     from governance.audit import audit_record
     from governance.models import ApiKey
@@ -348,25 +345,10 @@ def budget_create(*, scope: str, period: str, limit_usd: Decimal, hard: bool = T
         agent = Agent.objects.filter(name=agent_name).first()
         if agent is None:
             raise NotFound(f"No agent named {agent_name!r}.", code="agent_not_found", param="agent")
-    thresholds = DEFAULT_ALERT_THRESHOLDS if alert_thresholds is None else sorted(set(alert_thresholds))
-    if any(not isinstance(t, int) or isinstance(t, bool) or t <= 0 or t > 1000 for t in thresholds):
-        raise InvalidRequest("alert_thresholds are whole percentages between 1 and 1000.", param="alert_thresholds")
-    emails = list(dict.fromkeys(e.strip() for e in alert_emails or () if e.strip()))
-    try:
-        for address in emails:
-            validate_email(address)
-    except ValidationError:
-        raise InvalidRequest("alert_emails must be e-mail addresses.", param="alert_emails") from None
-    if alert_webhook_url:
-        if len(alert_webhook_url) > Budget._meta.get_field("alert_webhook_url").max_length:
-            raise InvalidRequest("alert_webhook_url is too long.", param="alert_webhook_url")
-        try:
-            URLValidator(schemes=["http", "https"])(alert_webhook_url)
-        except ValidationError:
-            raise InvalidRequest("alert_webhook_url must be an http(s) URL.", param="alert_webhook_url") from None
+    thresholds = DEFAULT_ALERT_THRESHOLDS if alert_thresholds is None else _checked_thresholds(alert_thresholds)
+    emails = _checked_emails(alert_emails)
+    _check_webhook_url(alert_webhook_url)
     alert_emails_text = ", ".join(emails)
-    if len(alert_emails_text) > Budget._meta.get_field("alert_emails").max_length:
-        raise InvalidRequest("alert_emails is too long.", param="alert_emails")
     budget = Budget.objects.create(name=name, scope=scope, period=period, limit_usd=limit_usd, hard=hard,
                                    api_key=api_key, agent=agent, alert_thresholds=list(thresholds),
                                    alert_emails=alert_emails_text, alert_webhook_url=alert_webhook_url)
@@ -378,6 +360,124 @@ def budget_create(*, scope: str, period: str, limit_usd: Decimal, hard: bool = T
                  request_id=request_id, client_ip=client_ip)
     transaction.on_commit(lambda: cache.delete(BUDGETS_CACHE_KEY))
     return budget
+
+
+def _checked_thresholds(alert_thresholds: list[int]) -> list[int]:
+    thresholds = sorted(set(alert_thresholds))
+    if any(not isinstance(t, int) or isinstance(t, bool) or t <= 0 or t > 1000 for t in thresholds):
+        raise InvalidRequest("alert_thresholds are whole percentages between 1 and 1000.", param="alert_thresholds")
+    return thresholds
+
+
+def _checked_emails(alert_emails: Iterable[str] | None) -> list[str]:
+    from django.core.exceptions import ValidationError
+    from django.core.validators import validate_email
+
+    emails = list(dict.fromkeys(e.strip() for e in alert_emails or () if e.strip()))
+    try:
+        for address in emails:
+            validate_email(address)
+    except ValidationError:
+        raise InvalidRequest("alert_emails must be e-mail addresses.", param="alert_emails") from None
+    if len(", ".join(emails)) > Budget._meta.get_field("alert_emails").max_length:
+        raise InvalidRequest("alert_emails is too long.", param="alert_emails")
+    return emails
+
+
+def _check_webhook_url(alert_webhook_url: str) -> None:
+    from django.core.exceptions import ValidationError
+    from django.core.validators import URLValidator
+
+    if not alert_webhook_url:
+        return
+    if len(alert_webhook_url) > Budget._meta.get_field("alert_webhook_url").max_length:
+        raise InvalidRequest("alert_webhook_url is too long.", param="alert_webhook_url")
+    try:
+        URLValidator(schemes=["http", "https"])(alert_webhook_url)
+    except ValidationError:
+        raise InvalidRequest("alert_webhook_url must be an http(s) URL.", param="alert_webhook_url") from None
+
+
+# What budget_update may change; what it refuses by name (create another budget instead).
+BUDGET_UPDATABLE_FIELDS = frozenset({"name", "limit_usd", "hard", "enabled", "alert_thresholds", "alert_emails",
+                                     "alert_webhook_url"})
+BUDGET_IMMUTABLE_FIELDS = ("scope", "key", "agent", "period")
+
+
+@transaction.atomic
+def budget_update(*, budget_id: int, fields: dict[str, Any], actor: str = "system", request_id: str = "",
+                  client_ip: str | None = None, action: str = "budget.updated") -> Budget:
+    """Change a budget's name, limit_usd, hard, enabled, alert_thresholds, alert_emails or
+    alert_webhook_url (validated as budget_create does). Its scope, key, agent and period are
+    fixed (400 naming the field), unknown fields are refused. Audited with what changed (only
+    whether the recipients / webhook changed: they are not logged); the hot path sees it at once."""
+    for field in BUDGET_IMMUTABLE_FIELDS:
+        if field in fields:
+            raise InvalidRequest(f"A budget's {field} cannot be changed; create another budget instead.",
+                                 code="immutable_field", param=field)
+    unknown = sorted(set(fields) - BUDGET_UPDATABLE_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"Unknown field: {unknown[0]}.", code="invalid_field", param=unknown[0])
+    budget = Budget.objects.select_for_update().filter(pk=budget_id).first()
+    if budget is None:
+        raise NotFound(f"No budget with id {budget_id}.", code="budget_not_found", param="id")
+    values: dict[str, Any] = {}
+    for field, value in fields.items():
+        if field == "name":
+            if not isinstance(value, str) or len(value) > Budget._meta.get_field("name").max_length:
+                raise InvalidRequest("name is a text of 100 characters at most.", param="name")
+        elif field == "limit_usd":
+            try:
+                value = Decimal(value) if not isinstance(value, (bool, float)) else Decimal(str(value))
+            except (ArithmeticError, TypeError, ValueError):
+                raise InvalidRequest("limit_usd must be a decimal amount.", param="limit_usd") from None
+            if not value.is_finite() or value < 0:
+                raise InvalidRequest("limit_usd must not be negative.", param="limit_usd")
+        elif field in ("hard", "enabled"):
+            if not isinstance(value, bool):
+                raise InvalidRequest(f"{field} must be true or false.", param=field)
+        elif field == "alert_thresholds":
+            if not isinstance(value, list):
+                raise InvalidRequest("alert_thresholds is a list of percentages.", param="alert_thresholds")
+            value = _checked_thresholds(value)
+        elif field == "alert_emails":
+            if not isinstance(value, list) or not all(isinstance(e, str) for e in value):
+                raise InvalidRequest("alert_emails is a list of e-mail addresses.", param="alert_emails")
+            value = ", ".join(_checked_emails(value))
+        elif field == "alert_webhook_url":
+            if not isinstance(value, str):
+                raise InvalidRequest("alert_webhook_url must be an http(s) URL.", param="alert_webhook_url")
+            _check_webhook_url(value)
+        values[field] = value
+    changed: dict[str, Any] = {}
+    for field, value in values.items():
+        before = getattr(budget, field)
+        if before == value:
+            continue
+        setattr(budget, field, value)
+        if field in ("alert_emails", "alert_webhook_url"):
+            # The addresses and the URL (it may carry a token) are not logged: only that they changed.
+            changed[field] = "changed"
+        elif field == "limit_usd":
+            changed[field] = {"from": str(before), "to": str(value)}
+        else:
+            changed[field] = {"from": before, "to": value}
+    if changed:
+        budget.save(update_fields=list(changed))
+        from governance.audit import audit_record
+
+        audit_record(actor=actor, action=action, target=f"budget:{budget.id}",
+                     details={"changed": changed, "scope": budget.scope, "period": budget.period},
+                     request_id=request_id, client_ip=client_ip)
+        transaction.on_commit(lambda: cache.delete(BUDGETS_CACHE_KEY))
+    return budget
+
+
+def budget_disable(*, budget_id: int, actor: str = "system", request_id: str = "",
+                   client_ip: str | None = None) -> Budget:
+    """Stop enforcing a budget (its spend history stays); disabling a disabled one changes nothing."""
+    return budget_update(budget_id=budget_id, fields={"enabled": False}, actor=actor, request_id=request_id,
+                         client_ip=client_ip, action="budget.disabled")
 
 
 def budget_status(budget: Budget, spend: BudgetSpend | None) -> dict:

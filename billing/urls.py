@@ -12,6 +12,7 @@ usage_urlpatterns: list = [
 ]
 budget_urlpatterns: list = [
     path("admin/budgets", views_budgets.AdminBudgetListView.as_view(), name="admin-budget-list"),
+    path("admin/budgets/<int:budget_id>", views_budgets.AdminBudgetDetailView.as_view(), name="admin-budget-detail"),
     path("budgets", views_budgets.BudgetListView.as_view(), name="budget-list"),
 ]
 

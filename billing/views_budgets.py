@@ -1,9 +1,15 @@
 """Budgets over REST.
 
-    POST /api/v1/admin/budgets   (admin role) {scope, key?: prefix, agent?: name, period, limit_usd,
-                                 hard?, alert_thresholds?, alert_emails?, alert_webhook_url?, name?}
-                                 → 201 with the budget
-    GET  /api/v1/admin/budgets   (admin role) every budget with its current period's money
+    POST   /api/v1/admin/budgets       (admin role) {scope, key?: prefix, agent?: name, period, limit_usd,
+                                       hard?, alert_thresholds?, alert_emails?, alert_webhook_url?, name?}
+                                       → 201 with the budget
+    GET    /api/v1/admin/budgets       (admin role) budgets with their current period's money
+                                       (?scope=&period=&enabled=&agent=&key=&limit=&offset=)
+    GET    /api/v1/admin/budgets/{id}  (admin role) one budget with its current period's money
+    PATCH  /api/v1/admin/budgets/{id}  (admin role) {name?, limit_usd?, hard?, enabled?, alert_thresholds?,
+                                       alert_emails?, alert_webhook_url?}; scope, key, agent and period
+                                       are fixed (400 naming the field) → 200 with the budget
+    DELETE /api/v1/admin/budgets/{id}  (admin role) disables the budget (its spend history stays) → 204
     GET  /api/v1/budgets         the budgets that apply to the calling key, with limit, spent,
                                  reserved and remaining in the current period (never their alert
                                  recipients or webhook: those are for admin keys only)
@@ -18,24 +24,34 @@ from decimal import Decimal
 
 from django.db.models import Q
 from django.utils import timezone
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from agentplatform.asyncviews import client_ip
-from agentplatform.errors import request_id_of
+from agentplatform.errors import NotFound, request_id_of
 from governance.permissions import IsAdminKey
 
-from .budgets import alert_thresholds_of, budget_create, budget_status, budgets_for_key, period_end, period_start
+from .budgets import (
+    BUDGET_IMMUTABLE_FIELDS,
+    alert_thresholds_of,
+    budget_create,
+    budget_disable,
+    budget_status,
+    budget_update,
+    budgets_for_key,
+    period_end,
+    period_start,
+)
 from .models import Budget, BudgetSpend
 
 ERRORS = {
     400: OpenApiResponse(description="Invalid body: `error.param` names the field."),
     401: OpenApiResponse(description="Missing or invalid API key."),
     403: OpenApiResponse(description="The key is not an admin key."),
-    404: OpenApiResponse(description="No key with this prefix, or no agent with this name."),
+    404: OpenApiResponse(description="No budget with this id, no key with this prefix, or no agent with this name."),
 }
 
 
@@ -72,8 +88,46 @@ class BudgetCreateSerializer(serializers.Serializer):
         return value
 
 
+class BudgetUpdateSerializer(BudgetCreateSerializer):
+    """The changeable fields, each optional (validated as on create); scope, key, agent and
+    period are refused by name, any other unknown field too."""
+
+    scope = None
+    key = None
+    agent = None
+    period = None
+    enabled = serializers.BooleanField(required=False)
+
+    def to_internal_value(self, data):
+        if isinstance(data, dict):
+            for field in BUDGET_IMMUTABLE_FIELDS:
+                if field in data:
+                    raise serializers.ValidationError(
+                        {field: [f"A budget's {field} cannot be changed; create another budget instead."]})
+            writable = {name for name, field in self.fields.items() if not field.read_only}
+            unknown = [name for name in data if name not in writable]
+            if unknown:
+                raise serializers.ValidationError({unknown[0]: ["Unknown field."]})
+        return super().to_internal_value(data)
+
+
+class BudgetListFilterSerializer(serializers.Serializer):
+    scope = serializers.ChoiceField(choices=Budget.Scope.values, required=False)
+    period = serializers.ChoiceField(choices=Budget.Period.values, required=False)
+    enabled = serializers.BooleanField(required=False)
+    agent = serializers.CharField(required=False, max_length=100, help_text="Agent name.")
+    key = serializers.CharField(required=False, max_length=64, help_text="API key prefix.")
+
+
 def _money(value: Decimal) -> str:
     return f"{value:.8f}"
+
+
+def _percent(spent: Decimal, budget: Budget) -> float | None:
+    """Spent as a percentage of the limit (2 decimals); None for a zero limit."""
+    if budget.limit_usd <= 0:
+        return None
+    return float((spent * 100 / budget.limit_usd).quantize(Decimal("0.01")))
 
 
 def _budget_data(budget: Budget, money: dict, start, now, *, admin: bool = False) -> dict:
@@ -84,7 +138,8 @@ def _budget_data(budget: Budget, money: dict, start, now, *, admin: bool = False
             "period": budget.period, "hard": budget.hard, "enabled": budget.enabled,
             "alert_thresholds": alert_thresholds_of(budget), "limit_usd": _money(budget.limit_usd),
             "spent_usd": _money(money["spent_usd"]), "reserved_usd": _money(money["reserved_usd"]),
-            "remaining_usd": _money(money["remaining_usd"]), "period_start": start.isoformat(),
+            "remaining_usd": _money(money["remaining_usd"]), "percent_used": _percent(money["spent_usd"], budget),
+            "period_start": start.isoformat(),
             "period_end": end.isoformat() if end else None}
     if admin:
         data["alert_emails"] = [a.strip() for a in budget.alert_emails.split(",") if a.strip()]
@@ -104,14 +159,37 @@ def _with_money(budgets: list[Budget], *, admin: bool = False) -> list[dict]:
             for b in budgets]
 
 
+def _budgets():
+    return Budget.objects.select_related("api_key", "agent")
+
+
+def _audit_context(request: Request) -> dict:
+    return {"actor": request.user.actor, "request_id": request_id_of(request) or "",
+            "client_ip": client_ip(request._request)}
+
+
 class AdminBudgetListView(generics.GenericAPIView):
     permission_classes = [IsAdminKey]
     serializer_class = BudgetCreateSerializer
     queryset = Budget.objects.none()
 
-    @extend_schema(responses={200: OpenApiResponse(description="Budgets with their current period."), **ERRORS})
+    @extend_schema(operation_id="api_v1_admin_budgets_list",
+                   parameters=[OpenApiParameter("scope", str, enum=Budget.Scope.values),
+                               OpenApiParameter("period", str, enum=Budget.Period.values),
+                               OpenApiParameter("enabled", bool),
+                               OpenApiParameter("agent", str, description="Agent name."),
+                               OpenApiParameter("key", str, description="API key prefix.")],
+                   responses={200: OpenApiResponse(description="Budgets with their current period."), **ERRORS})
     def get(self, request: Request) -> Response:
-        queryset = Budget.objects.select_related("api_key", "agent").order_by("scope", "id")
+        # A plain dict: DRF reads a missing boolean in a QueryDict as an unticked checkbox (False).
+        filters = BudgetListFilterSerializer(data=request.query_params.dict())
+        filters.is_valid(raise_exception=True)
+        data = filters.validated_data
+        queryset = _budgets().order_by("scope", "id")
+        for field, lookup in (("scope", "scope"), ("period", "period"), ("enabled", "enabled"),
+                              ("agent", "agent__name"), ("key", "api_key__prefix")):
+            if field in data:
+                queryset = queryset.filter(**{lookup: data[field]})
         page = self.paginate_queryset(queryset)
         return self.get_paginated_response(_with_money(list(page), admin=True))
 
@@ -125,10 +203,45 @@ class AdminBudgetListView(generics.GenericAPIView):
             scope=data["scope"], period=data["period"], limit_usd=data["limit_usd"], hard=data["hard"],
             key_prefix=data.get("key"), agent_name=data.get("agent"), alert_thresholds=data.get("alert_thresholds"),
             alert_emails=data.get("alert_emails"), alert_webhook_url=data["alert_webhook_url"],
-            name=data["name"], actor=request.user.actor, request_id=request_id_of(request) or "",
-            client_ip=client_ip(request._request))
-        budget = Budget.objects.select_related("api_key", "agent").get(pk=budget.pk)
+            name=data["name"], **_audit_context(request))
+        budget = _budgets().get(pk=budget.pk)
         return Response(_with_money([budget], admin=True)[0], status=status.HTTP_201_CREATED)
+
+
+class AdminBudgetDetailView(generics.GenericAPIView):
+    permission_classes = [IsAdminKey]
+    serializer_class = BudgetUpdateSerializer
+    queryset = Budget.objects.none()
+
+    @staticmethod
+    def get_budget(budget_id: int) -> Budget:
+        budget = _budgets().filter(pk=budget_id).first()
+        if budget is None:
+            raise NotFound(f"No budget with id {budget_id}.", code="budget_not_found", param="id")
+        return budget
+
+    @extend_schema(responses={200: OpenApiResponse(description="The budget with its current period."), **ERRORS})
+    def get(self, request: Request, budget_id: int) -> Response:
+        return Response(_with_money([self.get_budget(budget_id)], admin=True)[0])
+
+    @extend_schema(request=BudgetUpdateSerializer,
+                   responses={200: OpenApiResponse(description="The budget."), **ERRORS},
+                   description="Takes effect on the next request on every worker. scope, key, agent and period "
+                               "cannot be changed (400 naming the field): create another budget.")
+    def patch(self, request: Request, budget_id: int) -> Response:
+        self.get_budget(budget_id)
+        serializer = BudgetUpdateSerializer(data=request.data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        budget_update(budget_id=budget_id, fields=dict(serializer.validated_data), **_audit_context(request))
+        return Response(_with_money([self.get_budget(budget_id)], admin=True)[0])
+
+    @extend_schema(request=None, responses={204: OpenApiResponse(description="Disabled."), **ERRORS},
+                   description="Disables the budget (PATCH enabled=true enables it again); its spend history "
+                               "stays. Disabling a disabled budget answers the same.")
+    def delete(self, request: Request, budget_id: int) -> Response:
+        self.get_budget(budget_id)
+        budget_disable(budget_id=budget_id, **_audit_context(request))
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class BudgetListView(APIView):
