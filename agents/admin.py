@@ -27,6 +27,7 @@ from django.utils.html import format_html
 from django.utils.http import urlencode
 from django.utils.text import Truncator
 
+from agentplatform.admin_mixins import ReadOnlyAdminMixin
 from governance.audit import AuditedAdminMixin
 from governance.models import ApiKey
 
@@ -307,14 +308,8 @@ class SessionAdmin(PrettyJSONMixin, admin.ModelAdmin):
                                session__id__exact=obj.pk)
 
 
-class ReadOnlyHistoryMixin:
+class ReadOnlyHistoryMixin(ReadOnlyAdminMixin):
     """History written by the runtime: nobody adds or edits it; only superusers delete it."""
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return request.user.is_superuser

@@ -15,6 +15,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html_join
 
+from agentplatform.admin_mixins import ReadOnlyAdminMixin
 from governance.audit import audit_record, user_actor
 
 from .alerts import alert_deliveries_retry
@@ -183,17 +184,6 @@ class BudgetAdmin(admin.ModelAdmin):
 
 
 # --- alerts -------------------------------------------------------------------------------
-
-
-class ReadOnlyAdminMixin:
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 class AlertDeliveryInline(ReadOnlyAdminMixin, admin.TabularInline):

@@ -8,17 +8,17 @@ changelist skips the full count and searches exact or prefix values.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from django.contrib import admin
-from django.http import HttpRequest
 from django.utils.html import format_html
+
+from agentplatform.admin_mixins import ReadOnlyAdminMixin
 
 from ..models import AuditLog
 
 
 @admin.register(AuditLog)
-class AuditLogAdmin(admin.ModelAdmin):
+class AuditLogAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["timestamp", "actor", "action", "target", "outcome", "request_id", "client_ip"]
     list_filter = ["action", "outcome", "timestamp"]
     search_fields = ["=request_id", "^actor", "^target"]
@@ -29,15 +29,6 @@ class AuditLogAdmin(admin.ModelAdmin):
     fields = ["id", "timestamp", "actor", "action", "target", "outcome", "request_id", "client_ip",
               "details_pretty", "prev_hash", "hash"]
     readonly_fields = fields
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     @admin.display(description="Details")
     def details_pretty(self, obj: AuditLog) -> str:
