@@ -100,7 +100,17 @@ def _load_one(definition: dict, *, overwrite: bool):
 def _definition(request: Request) -> dict:
     if not isinstance(request.data, dict):
         raise InvalidRequest("The body must be a JSON object: one agent definition.", code="invalid_agent")
-    return dict(request.data)
+    definition = dict(request.data)
+    # A key limited to some skills may not hand other skills to an agent (which every key that
+    # may call the agent would then get offered, this one included).
+    skills = definition.get("skills")
+    allowed = request.user.skills
+    if allowed is not None and isinstance(skills, list):
+        beyond = sorted({s for s in skills if isinstance(s, str) and s not in allowed})
+        if beyond:
+            raise PermissionDenied(f"This API key may not give agents the skills: {', '.join(beyond)}.",
+                                   code="skill_not_allowed", param="skills")
+    return definition
 
 
 def _may_change(request: Request, name: str) -> None:

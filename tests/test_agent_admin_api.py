@@ -254,3 +254,20 @@ async def test_it_keeps_restricted_keys_to_their_agents(demo, make_agent, make_k
     response = await request("PATCH", AGENT.format("demo"), limited, {"description": "Mine."})
     assert response.status_code == 200, response.text
     assert (await request("DELETE", AGENT.format("demo"), limited)).status_code == 204
+
+
+async def test_a_key_limited_to_some_skills_may_not_hand_agents_other_skills(demo, make_agent, make_key):
+    await orm(make_agent, name="tools", skills=["calculator", "current_time", "http_fetch"])
+    limited = await orm(make_key, role="developer", allowed_skills=["calculator"])
+
+    created = await request("POST", AGENTS, limited, {"name": "w", "model": "local/demo",
+                                                      "skills": ["calculator", "http_fetch"]})
+    patched = await request("PATCH", AGENT.format("demo"), limited, {"skills": ["current_time"]})
+    allowed = await request("PATCH", AGENT.format("demo"), limited, {"skills": ["calculator"]})
+
+    error = assert_error(created, 403, "skill_not_allowed", param="skills")
+    assert "http_fetch" in error["message"] and "calculator" not in error["message"]
+    assert_error(patched, 403, "skill_not_allowed", param="skills")
+    assert not await orm(Agent.objects.filter(name="w").exists)
+    assert allowed.status_code == 200, allowed.text
+    assert [s["name"] for s in allowed.json()["skills"]] == ["calculator"]
