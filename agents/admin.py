@@ -242,15 +242,6 @@ class MessageInline(admin.TabularInline):
     show_change_link = True
     verbose_name_plural = f"Messages (the latest {SESSION_INLINE_MESSAGES})"
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
     @admin.display(description="Content")
     def short_content(self, obj: Message) -> str:
         return Truncator(obj.content).chars(200)

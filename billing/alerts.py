@@ -50,7 +50,6 @@ import httpx
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import IntegrityError, connections, transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from governance.masking import mask_text
@@ -58,6 +57,7 @@ from governance.masking import mask_text
 from .budgets import (
     _describe,
     alert_thresholds_of,
+    current_period_q,
     period_end,
     period_start,
     thresholds_crossed,
@@ -145,9 +145,7 @@ def check_budget_alerts(now: datetime | None = None) -> int:
     fired = 0
     if budgets:
         starts = {b.id: period_start(b.period, now) for b in budgets}
-        current = Q()
-        for budget_id, start in starts.items():
-            current |= Q(budget_id=budget_id, period_start=start)
+        current = current_period_q(budgets, now)
         spends = {s.budget_id: s.spent_usd for s in BudgetSpend.objects.filter(current).only("budget_id", "spent_usd")}
         done = set(BudgetAlert.objects.filter(current).values_list("budget_id", "threshold"))
         for budget in budgets:

@@ -206,17 +206,29 @@ def _describe(budget: Budget) -> str:
     return f"{budget.name + ' (' if budget.name else ''}{owner} {budget.period}{')' if budget.name else ''}"
 
 
+def current_period_q(budgets: Iterable[Budget], now: datetime) -> Q:
+    """Matches the rows (BudgetSpend, BudgetAlert) of each budget's period that contains `now`;
+    no budgets match nothing."""
+    q = Q(pk__in=[])
+    for b in budgets:
+        q |= Q(budget_id=b.id, period_start=period_start(b.period, now))
+    return q
+
+
+def current_spends(budgets: list[Budget], now: datetime) -> dict[int, BudgetSpend]:
+    """Each budget's BudgetSpend row of its current period, by budget id (missing: nothing spent)."""
+    if not budgets:
+        return {}
+    return {s.budget_id: s for s in BudgetSpend.objects.filter(current_period_q(budgets, now))}
+
+
 def _locked_spends(budgets: list[Budget], now: datetime) -> dict[int, BudgetSpend]:
     """The current BudgetSpend row of each budget, created if needed, locked until the end of
     the caller's transaction."""
-    starts = {b.id: period_start(b.period, now) for b in budgets}
-    for budget_id, start in starts.items():
+    for b in budgets:
         # get_or_create retries the get when a concurrent insert won (unique budget+period).
-        BudgetSpend.objects.get_or_create(budget_id=budget_id, period_start=start)
-    q = Q()
-    for budget_id, start in starts.items():
-        q |= Q(budget_id=budget_id, period_start=start)
-    rows = BudgetSpend.objects.select_for_update().filter(q).order_by("id")
+        BudgetSpend.objects.get_or_create(budget_id=b.id, period_start=period_start(b.period, now))
+    rows = BudgetSpend.objects.select_for_update().filter(current_period_q(budgets, now)).order_by("id")
     return {row.budget_id: row for row in rows}
 
 
@@ -500,12 +512,7 @@ def budgets_for_key(*, key_id: int, now: datetime | None = None) -> list[tuple[B
     q = (Q(scope=Budget.Scope.GLOBAL) | Q(scope=Budget.Scope.AGENT, agent_id__in=agent_ids)
          | Q(scope__in=[Budget.Scope.KEY, Budget.Scope.KEY_AGENT], api_key_id=key_id))
     budgets = list(Budget.objects.filter(q, enabled=True).select_related("api_key", "agent").order_by("scope", "id"))
-    spends = {}
-    if budgets:
-        sq = Q()
-        for b in budgets:
-            sq |= Q(budget_id=b.id, period_start=period_start(b.period, now))
-        spends = {s.budget_id: s for s in BudgetSpend.objects.filter(sq)}
+    spends = current_spends(budgets, now)
     return [(b, budget_status(b, spends.get(b.id)), period_start(b.period, now)) for b in budgets]
 
 

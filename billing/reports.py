@@ -18,12 +18,12 @@ from datetime import timezone as dt_timezone
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Iterable, Mapping, Sequence
 
-from django.db.models import Q, Sum
+from django.db.models import Sum
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
-from .budgets import TOTAL_EPOCH, budget_status, period_end, period_start
-from .models import Budget, BudgetSpend, UsageRecord
+from .budgets import TOTAL_EPOCH, budget_status, current_spends, period_end, period_start
+from .models import Budget, UsageRecord
 from .rollups import METRICS, UsagePlan, UsageQuery, usage_plan
 
 EIGHT_PLACES = Decimal("0.00000001")
@@ -175,12 +175,7 @@ def budget_rows(*, now: datetime | None = None, period: str | None = None) -> li
     if period:
         budgets = budgets.filter(period=period)
     budgets = list(budgets)
-    spends: dict[int, BudgetSpend] = {}
-    if budgets:
-        q = Q()
-        for b in budgets:
-            q |= Q(budget_id=b.id, period_start=period_start(b.period, now))
-        spends = {s.budget_id: s for s in BudgetSpend.objects.filter(q)}
+    spends = current_spends(budgets, now)
     rows = []
     for b in budgets:
         status = budget_status(b, spends.get(b.id))

@@ -17,10 +17,9 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
 from django.utils import timezone
 
-from .budgets import period_start
+from .budgets import current_period_q, period_start
 from .models import Budget, BudgetSpend
 
 
@@ -42,10 +41,7 @@ def _create_current_rows(now: datetime) -> int:
     if not budgets:
         return 0
     starts = {b.id: period_start(b.period, now) for b in budgets}
-    current = Q()
-    for budget_id, start in starts.items():
-        current |= Q(budget_id=budget_id, period_start=start)
-    existing = set(BudgetSpend.objects.filter(current).values_list("budget_id", flat=True))
+    existing = set(BudgetSpend.objects.filter(current_period_q(budgets, now)).values_list("budget_id", flat=True))
     created = 0
     for budget_id, start in starts.items():
         if budget_id in existing:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from django.db.models import Q
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, serializers, status
@@ -42,10 +41,11 @@ from .budgets import (
     budget_status,
     budget_update,
     budgets_for_key,
+    current_spends,
     period_end,
     period_start,
 )
-from .models import Budget, BudgetSpend
+from .models import Budget
 
 ERRORS = {
     400: OpenApiResponse(description="Invalid body: `error.param` names the field."),
@@ -149,12 +149,7 @@ def _budget_data(budget: Budget, money: dict, start, now, *, admin: bool = False
 
 def _with_money(budgets: list[Budget], *, admin: bool = False) -> list[dict]:
     now = timezone.now()
-    spends = {}
-    if budgets:
-        q = Q()
-        for b in budgets:
-            q |= Q(budget_id=b.id, period_start=period_start(b.period, now))
-        spends = {s.budget_id: s for s in BudgetSpend.objects.filter(q)}
+    spends = current_spends(budgets, now)
     return [_budget_data(b, budget_status(b, spends.get(b.id)), period_start(b.period, now), now, admin=admin)
             for b in budgets]
 
