@@ -14,6 +14,7 @@ from datetime import timezone as dt_timezone
 from decimal import Decimal
 
 import pytest
+import time_machine
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
@@ -26,6 +27,18 @@ from governance.services import api_key_create
 pytestmark = pytest.mark.django_db
 
 UTC = dt_timezone.utc
+
+
+# The figures (elapsed share of the period, projection, "yesterday" in the same month) depend
+# on the date: every test here runs at this instant, a Wednesday mid-month, 55 % of the way
+# through June: 16.6 of its 30 days elapsed.
+NOW = datetime(2026, 6, 17, 14, 24, tzinfo=UTC)
+
+
+@pytest.fixture(autouse=True)
+def _frozen_clock():
+    with time_machine.travel(NOW, tick=False):
+        yield
 
 
 @pytest.fixture
@@ -73,8 +86,9 @@ def test_it_reports_json_with_percent_used_and_projection(budgets):
     assert (monthly["limit_usd"], monthly["spent_usd"], monthly["reserved_usd"], monthly["remaining_usd"]) == \
         ("10.00000000", "4.00000000", "0.50000000", "5.50000000")
     assert monthly["used_pct"] == "40.0"
-    elapsed = float(monthly["elapsed_pct"]) / 100
-    assert float(monthly["projected_usd"]) == pytest.approx(4 / elapsed, rel=1e-3)
+    # 16 days 14.4 hours of June's 30 days: 55.3 % elapsed; 4 USD spent -> 7.23 USD at the end.
+    assert monthly["elapsed_pct"] == "55.3"
+    assert float(monthly["projected_usd"]) == pytest.approx(4 / (16.6 / 30), rel=1e-6)
     assert rows[budgets["weekly"].id]["spent_usd"] == "0.00000000"
     assert rows[budgets["weekly"].id]["status"] == "ok" and rows[budgets["weekly"].id]["hard"] is False
     assert rows[budgets["daily"].id]["used_pct"] == "75.0"
