@@ -9,7 +9,6 @@ rendering happen on the event loop, with the same JSON error shape as everywhere
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -28,6 +27,7 @@ from .errors import (
     internal_error,
     platform_error_from,
 )
+from .jsonparse import loads_strict
 
 logger = logging.getLogger("agentplatform.views")
 
@@ -37,10 +37,7 @@ def parse_json_body(request: HttpRequest) -> dict:
     content_type = request.content_type or ""
     if content_type not in ("application/json", "") and not content_type.endswith("+json"):
         raise UnsupportedMediaType(f"Send the body as application/json, not {content_type}.")
-    try:
-        data = json.loads(request.body or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"Malformed JSON body: {exc}", code="invalid_json") from None
+    data = loads_strict(request.body or b"null")
     if not isinstance(data, dict):
         raise InvalidRequest("The JSON body must be an object.", code="invalid_json")
     return data

@@ -27,7 +27,7 @@ from typing import Any, Callable, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections, connections, transaction
+from django.db import close_old_connections, connection, connections, transaction
 
 T = TypeVar("T")
 logger = logging.getLogger("agentplatform.db")
@@ -89,23 +89,36 @@ class _GroupWriter:
                 batch.append(item)
             self._commit(batch)
 
-    @staticmethod
-    def _commit(batch: list[tuple[Callable[[], Any], Future]]) -> None:
+    @classmethod
+    def _commit(cls, batch: list[tuple[Callable[[], Any], Future]]) -> None:
         close_old_connections()
         results: list[tuple[Future, Any, BaseException | None]] = []
         try:
             with transaction.atomic():
+                if connection.vendor == "postgresql":
+                    # Django's foreign keys are DEFERRABLE INITIALLY DEFERRED: checked at COMMIT,
+                    # where one job's bad row (a session deleted meanwhile) would fail the whole
+                    # batch. Checked at each statement instead, inside the job's savepoint.
+                    with connection.cursor() as cursor:
+                        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
                 for fn, future in batch:
                     try:
                         with transaction.atomic():  # a savepoint: one bad job rolls back alone
                             results.append((future, fn(), None))
                     except Exception as exc:
                         results.append((future, None, exc))
-        except Exception as exc:  # the commit itself failed: every job of the batch failed
-            logger.exception("Group commit of %d jobs failed", len(batch))
+        except Exception as exc:  # the commit itself failed: no job of the batch is stored
+            close_old_connections()
+            if len(batch) > 1:
+                # SQLite checks deferred foreign keys at COMMIT only: one bad job must not fail
+                # the others, so each runs again in a transaction of its own.
+                logger.warning("Group commit of %d jobs failed (%s); committing them one by one", len(batch), exc)
+                for job in batch:
+                    cls._commit([job])
+                return
+            logger.exception("Commit of a database write failed")
             for _, future in batch:
                 future.set_exception(exc)
-            close_old_connections()
             return
         finally:
             close_old_connections()

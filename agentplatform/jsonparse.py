@@ -64,7 +64,11 @@ def loads_strict(data: bytes | bytearray | str) -> Any:
     try:
         text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
         value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
-        _check(value)
+        # A lone surrogate can only come from a \u escape (decoded UTF-8 has none; a str given
+        # as such may), and nesting needs brackets: most bodies need no walk at all.
+        if ("\\u" in text or text.count("{") + text.count("[") > MAX_DEPTH
+                or (text is data and not text.isascii())):
+            _check(value)
     except RecursionError:
         raise InvalidRequest(f"Malformed JSON: nested deeper than {MAX_DEPTH} levels.", code="invalid_json") from None
     except UnicodeDecodeError:

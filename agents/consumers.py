@@ -43,12 +43,9 @@ through channels-redis (`websocket_close_for`).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
-import time
 import uuid
-from typing import Any
 from urllib.parse import urlsplit
 
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -57,12 +54,20 @@ from django.conf import settings
 from django.http.request import is_same_domain, split_domain_port, validate_host
 from django.utils.datastructures import CaseInsensitiveMapping
 
-from agentplatform.db import run_db
 from agentplatform.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied, PlatformError
+from agentplatform.jsonparse import loads_strict
+from governance.idempotency import (
+    idempotency_claim,
+    idempotency_fingerprint,
+    idempotency_release,
+    idempotency_store,
+)
 from governance.selectors import presented_key
 
+from .chat_input import ChatInput, websocket_chat_input
 from .models import Run
 from .pipeline import ChatTurn, principal_and_agent
+from .streaming import done_event, error_event, start_event, turn_error_event
 
 logger = logging.getLogger("agents.consumers")
 
@@ -73,31 +78,9 @@ CLOSE_NOT_FOUND = 4404
 CLOSE_IDLE = 4408
 
 MAX_KEY_CHARS = 512
-MAX_IDEMPOTENCY_KEY = 255
-MAX_METADATA_BYTES = 16_384
-MESSAGE_FIELDS = frozenset({"type", "content", "session_id", "idempotency_key", "metadata"})
 # How a turn's frames are stored for idempotent replays (IdempotencyRecord.content_type).
 FRAMES_CONTENT_TYPE = "application/vnd.agentplatform.ws-frames+json"
 _DUMPS = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
-
-
-def _error_frame(error: PlatformError, request_id: str | None = None, **extra: Any) -> dict:
-    """The fields of our one JSON error shape, flat in an `error` frame (the frame's own
-    `type` is "error"; `status` is the HTTP status the same error has on REST)."""
-    frame = {"type": "error", "code": error.code, "message": error.message, "status": error.http_status,
-             "request_id": request_id}
-    if error.param is not None:
-        frame["param"] = error.param
-    if error.details is not None:
-        frame["details"] = error.details
-    retry_after = error.headers.get("Retry-After") or getattr(error, "retry_after", None)
-    if retry_after is not None:
-        try:
-            frame["retry_after"] = max(1, int(float(retry_after)))
-        except (TypeError, ValueError):
-            pass
-    frame.update(extra)
-    return frame
 
 
 def _headers(scope: dict) -> CaseInsensitiveMapping:
@@ -166,57 +149,12 @@ async def websocket_close_for(*, key_id: int | None = None, user_id: int | None 
                                {"type": "ws.close", "code": code, "message": message})
 
 
-# --- validation of a message frame ---------------------------------------------------------
-
-
-def _validate_message(frame: dict) -> dict:
-    unknown = sorted(set(frame) - MESSAGE_FIELDS)
-    if unknown:
-        raise InvalidRequest(f"{unknown[0]}: Unknown field.", code="invalid_field", param=unknown[0])
-    content = frame.get("content")
-    if not isinstance(content, str) or not content:
-        raise InvalidRequest("content: A non-empty string is required.", code="invalid_field", param="content")
-    if len(content) > settings.MAX_MESSAGE_CHARS:
-        raise InvalidRequest(f"content: Longer than {settings.MAX_MESSAGE_CHARS} characters.", code="invalid_field",
-                             param="content")
-    data: dict[str, Any] = {"content": content, "has_session": "session_id" in frame}
-    session_id = frame.get("session_id")
-    if session_id is not None:
-        try:
-            data["session_id"] = uuid.UUID(session_id) if isinstance(session_id, str) else None
-        except ValueError:
-            data["session_id"] = None
-        if data["session_id"] is None:
-            raise InvalidRequest("session_id: Must be a valid UUID.", code="invalid_field", param="session_id")
-    else:
-        data["session_id"] = None
-    key = frame.get("idempotency_key")
-    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY
-                            or not all(" " <= c <= "~" for c in key)):
-        raise InvalidRequest(f"idempotency_key: Must be 1-{MAX_IDEMPOTENCY_KEY} printable ASCII characters.",
-                             code="invalid_idempotency_key", param="idempotency_key")
-    data["idempotency_key"] = key
-    metadata = frame.get("metadata")
-    if metadata is not None:
-        if not isinstance(metadata, dict):
-            raise InvalidRequest("metadata: Must be a JSON object.", code="invalid_field", param="metadata")
-        if len(_DUMPS(metadata)) > MAX_METADATA_BYTES:
-            raise InvalidRequest("metadata: At most 16 KiB of metadata.", code="invalid_field", param="metadata")
-    data["metadata"] = metadata or {}
-    return data
-
-
-def _fingerprint(agent_name: str, frame: dict) -> str:
+def _fingerprint(agent_name: str, data: ChatInput) -> str:
     """What makes two message frames "the same request" for idempotency: agent, content, the
-    session_id as sent (absent and null differ) and metadata; length-prefixed like REST's."""
-    digest = hashlib.sha256()
-    parts = [b"websocket", agent_name.encode(), frame["content"].encode(),
-             _DUMPS({"session_id": frame.get("session_id"), "has": "session_id" in frame}).encode(),
-             _DUMPS(frame.get("metadata") or {}).encode()]
-    for part in parts:
-        digest.update(len(part).to_bytes(8, "big"))
-        digest.update(part)
-    return digest.hexdigest()
+    session_id as sent (absent and null differ) and metadata."""
+    session = _DUMPS({"session_id": str(data.session_id) if data.session_id else None, "has": data.has_session})
+    return idempotency_fingerprint(b"websocket", agent_name.encode(), data.messages[0]["content"].encode(),
+                                   session.encode(), _DUMPS(data.metadata).encode())
 
 
 class _Refused(Exception):
@@ -226,24 +164,6 @@ class _Refused(Exception):
         super().__init__(error.message)
         self.error = error
         self.close_code = close_code
-
-
-def _metered_usage(turn: ChatTurn) -> dict:
-    """Token usage as billed: a cancelled run's in-flight call is estimated by the metering stage
-    (billing.metering); without it, the run's reported usage."""
-    from billing.metering import NOTE as METERING_NOTE
-
-    calls = (turn.notes.get(METERING_NOTE) or {}).get("calls")
-    if not calls:
-        return {**turn.run.usage.as_dict(), "estimated": False}
-    prompt = sum(c.prompt_tokens for c in calls)
-    completion = sum(c.completion_tokens for c in calls)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "estimated": any(c.estimated for c in calls)}
-
-
-def _cost(turn: ChatTurn) -> str | None:
-    return str(turn.cost_usd) if turn.cost_usd is not None else None
 
 
 class AgentChatConsumer(AsyncWebsocketConsumer):
@@ -266,6 +186,7 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
         self._background: set[asyncio.Task] = set()
         self._stored: list[dict] | None = None
         self._claim_held: int | None = None
+        self.turn: ChatTurn | None = None
         headers = _headers(self.scope)
         self.client_ip = _client_ip(self.scope, headers)
         if not host_allowed(headers):
@@ -338,7 +259,7 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
         return AuthenticationFailed(message, code="authentication_required")
 
     async def _refuse(self, refused: _Refused) -> None:
-        await self._send(_error_frame(refused.error))
+        await self._send(error_event(refused.error))
         await self._close(refused.close_code, refused.error.code)
 
     async def _close(self, code: int, reason: str = "") -> None:
@@ -370,10 +291,10 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
         except _Refused as refused:
             await self._refuse(refused)
         except PlatformError as error:
-            await self._send(_error_frame(error))
+            await self._send(error_event(error))
         except Exception:  # a bug: logged here, a generic error frame for the client, never a crash
             logger.exception("WebSocket frame failed on agent %s", self.agent_name)
-            await self._send(_error_frame(PlatformError()))
+            await self._send(error_event(PlatformError()))
 
     async def _receive(self, text_data: str | None, bytes_data: bytes | None) -> None:
         if self.closed:
@@ -385,10 +306,7 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
         if len(text_data) > limit or (len(text_data) * 4 > limit and len(text_data.encode()) > limit):
             raise InvalidRequest(f"Frames are limited to {limit} bytes.", code="frame_too_large",
                                  details={"max_frame_bytes": limit})
-        try:
-            frame = json.loads(text_data)
-        except ValueError as exc:
-            raise InvalidRequest(f"Malformed JSON: {exc}", code="invalid_json") from None
+        frame = loads_strict(text_data)
         if not isinstance(frame, dict):
             raise InvalidRequest("A frame must be a JSON object with a `type`.", code="invalid_json")
         kind = frame.get("type")
@@ -427,17 +345,24 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
         if self.turn_task is not None:
             raise InvalidRequest("A turn is running on this connection: wait for its `done` (or send `cancel`).",
                                  code="turn_in_progress")
-        data = _validate_message(frame)
-        if data["idempotency_key"] is not None and self.auth != "key":
+        data = websocket_chat_input(frame)
+        if data.idempotency_key is not None and self.auth != "key":
             raise InvalidRequest("idempotency_key needs a connection authenticated with an API key.",
                                  code="idempotency_unavailable", param="idempotency_key")
         self.cancel_requested = False
         self.phase = "preparing"
-        self.turn_task = asyncio.create_task(self._turn(frame, data))
+        self.turn_task = asyncio.create_task(self._turn(data))
 
     def _cancel_if_streaming(self, task: asyncio.Task) -> None:
-        if self.phase == "streaming" and not task.done():
+        if self._cancellable() and not task.done():
             task.cancel()
+
+    def _cancellable(self) -> bool:
+        """Waiting for a duplicate idempotent turn, or streaming a run that has not ended (once it
+        ended, what remains is storing it: a cancel must not cut that short)."""
+        if self.phase == "waiting":
+            return True
+        return self.phase == "streaming" and not (self.turn is not None and self.turn.ended)
 
     def _request_cancel(self) -> None:
         task = self.turn_task
@@ -446,20 +371,20 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
         self.cancel_requested = True
         # While preparing (stages reserving budgets, counting rate limits) the turn is not
         # interrupted: it is cancelled as soon as it starts streaming (see _stream).
-        if self.phase in ("waiting", "streaming"):
+        if self._cancellable():
             task.cancel()
 
     # --- one turn ---------------------------------------------------------------------------
 
-    async def _turn(self, frame: dict, data: dict) -> None:
+    async def _turn(self, data: ChatInput) -> None:
         request_id = f"req_{uuid.uuid4().hex}"
         close_code: int | None = None
         try:
-            final = await self._run_turn(frame, data, request_id)
+            final = await self._run_turn(data, request_id)
         except _Refused as refused:
-            final, close_code = [_error_frame(refused.error, request_id)], refused.close_code
+            final, close_code = [error_event(refused.error, request_id)], refused.close_code
         except PlatformError as error:
-            final = [_error_frame(error, request_id)]
+            final = [error_event(error, request_id)]
             if error.http_status == 403:  # e.g. the `streaming` flag is off: no turn can ever run
                 close_code = CLOSE_FORBIDDEN
         except asyncio.CancelledError:
@@ -469,37 +394,44 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
                       "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}]
         except Exception:
             logger.exception("WebSocket turn failed on agent %s (request %s)", self.agent_name, request_id)
-            final = [_error_frame(PlatformError(), request_id)]
+            final = [error_event(PlatformError(), request_id)]
         finally:
+            self.turn = None
             if self._claim_held is not None:
-                await asyncio.shield(self._release(self._claim_held))
+                await idempotency_release(self._claim_held)
                 self._claim_held = None
         await self._finish_turn(final)
         if close_code is not None:
             await self._close(close_code, final[-1].get("code", ""))
 
-    async def _run_turn(self, frame: dict, data: dict, request_id: str) -> list[dict]:
+    async def _run_turn(self, data: ChatInput, request_id: str) -> list[dict]:
         principal, agent = await principal_and_agent(self.key, self.agent_name)
         if self.auth == "key" and principal is None:  # revoked, expired or rotated out since
             raise _Refused(AuthenticationFailed("This API key is no longer valid."), CLOSE_UNAUTHENTICATED)
         self._check_agent(agent, principal)
-        if data["idempotency_key"] is not None:
-            claim, record = await self._claim(principal.key_id, data["idempotency_key"],
-                                              _fingerprint(self.agent_name, frame))
+        if data.idempotency_key is not None:
+            self.phase = "waiting"  # a duplicate waits for the first, and may be cancelled meanwhile
+            try:
+                claim, record = await idempotency_claim(api_key_id=principal.key_id, key=data.idempotency_key,
+                                                        fingerprint=_fingerprint(self.agent_name, data),
+                                                        param="idempotency_key")
+            finally:
+                self.phase = "preparing"
             if record is not None:
                 return await self._replay(record)
             self._claim_held = claim
-        turn = ChatTurn(principal=principal, agent=agent, input_messages=[{"role": "user", "content": data["content"]}],
+        turn = ChatTurn(principal=principal, agent=agent, input_messages=data.messages,
                         transport=Run.Transport.WEBSOCKET, stream=True, request_id=request_id,
-                        session_id=data["session_id"] if data["has_session"] else self.session_id,
-                        metadata=data["metadata"], user_id=self.user_id, client_ip=self.client_ip)
+                        session_id=data.session_id if data.has_session else self.session_id,
+                        metadata=data.metadata, user_id=self.user_id, client_ip=self.client_ip)
         self.phase = "preparing"
         await turn.prepare()
         final = await self._stream(turn, store=self._claim_held is not None)
         if self._claim_held is not None and final[-1]["type"] == "done" and not final[-1]["cancelled"]:
             # Stored before `done` goes out: a retry after `done` replays, never runs again.
             try:
-                await self._store(self._claim_held, self._stored)
+                await idempotency_store(self._claim_held, status=200, content_type=FRAMES_CONTENT_TYPE,
+                                        headers={}, body=_DUMPS(self._stored).encode())
                 self._claim_held = None
             except Exception:  # the answer stands; a retry will run again (the claim is released)
                 logger.exception("Could not store the frames of idempotent run %s", turn.run_id)
@@ -515,12 +447,11 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
             await self._send(frame)
 
     async def _stream(self, turn: ChatTurn, *, store: bool) -> list[dict]:
-        """Send the turn's events; return its last frame(s), sent by the caller once it is stored."""
+        """Send the turn's events; return its last frame (`done` or `error`, which the pipeline
+        yields once the run is stored), sent by the caller."""
         self.session_id = turn.session_id
-        start = {"type": "start", "run_id": str(turn.run_id), "session_id": str(turn.session_id),
-                 "agent": turn.agent.name, "model": turn.agent.model}
-        if turn.notes.get("variant"):
-            start["variant"] = str(turn.notes["variant"])
+        self.turn = turn
+        start = start_event(turn)
         self._stored: list[dict] | None = [start] if store else None
         await self._send(start)
         task = asyncio.current_task()
@@ -536,9 +467,6 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
             async for event in events:
                 kind = event["type"]
                 if kind in ("done", "error"):
-                    # The run is over; what remains is storing it, which a cancel must not cut
-                    # short. Its frame is sent once the run is stored (the generator's end).
-                    self.phase = "finishing"
                     last = event
                     continue
                 if self._stored is not None:
@@ -556,23 +484,13 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
             self.phase = "finishing"
             await events.aclose()
         if cancelled or turn.status == Run.Status.CANCELLED or last is None:
-            return [self._done(turn, cancelled=True)]
+            return [done_event(turn, cancelled=True)]
         if last["type"] == "error":
-            error = turn.run.error or PlatformError(last.get("message"), code=last.get("code"))
-            return [_error_frame(error, turn.request_id, run_id=str(turn.run_id), session_id=str(turn.session_id))]
-        done = self._done(turn, cancelled=False)
+            return [turn_error_event(turn, last)]
+        done = done_event(turn)
         if self._stored is not None:
             self._stored.append(done)
         return [done]
-
-    def _done(self, turn: ChatTurn, *, cancelled: bool) -> dict:
-        run = turn.run
-        return {"type": "done", "run_id": str(turn.run_id), "session_id": str(turn.session_id),
-                "model": run.model or turn.agent.model,
-                "output": run.partial_output if cancelled else run.output,
-                "finish_reason": "cancelled" if cancelled else run.finish_reason,
-                "usage": _metered_usage(turn) if cancelled else run.usage.as_dict(),
-                "cost_usd": _cost(turn), "latency_ms": turn.latency_ms, "cancelled": cancelled}
 
     def _keep(self, event: dict) -> None:
         """Remember a frame for idempotent replays; consecutive deltas are kept as one."""
@@ -582,41 +500,7 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
         else:
             stored.append(dict(event))
 
-    # --- idempotency (governance.idempotency's records, per API key) -----------------------
-
-    async def _claim(self, key_id: int, key: str, fingerprint: str) -> tuple[int | None, dict | None]:
-        """(our claim, None) to run the turn; (None, stored record) to replay it. Same rules as
-        REST's Idempotency-Key: another request with this key → `idempotency_key_reused`; one
-        still running → wait (cancellable) up to IDEMPOTENCY_WAIT_SECONDS, then
-        `idempotency_in_progress`."""
-        from governance.idempotency import IdempotencyInProgress, IdempotencyKeyReused, _claim, _load
-        from governance.models import IdempotencyRecord
-
-        deadline = time.monotonic() + float(settings.IDEMPOTENCY_WAIT_SECONDS)
-        delay = 0.02
-        while True:
-            claimed, record = await run_db(_claim, api_key_id=key_id, key=key, fingerprint=fingerprint)
-            if claimed is not None:
-                return claimed, None
-            while record is not None:
-                if record["request_hash"] != fingerprint:
-                    raise IdempotencyKeyReused("This idempotency_key was used with a different message.",
-                                               param="idempotency_key")
-                if record["state"] == IdempotencyRecord.State.DONE:
-                    return None, record
-                if time.monotonic() >= deadline:
-                    raise IdempotencyInProgress(param="idempotency_key", headers={"Retry-After": "1"})
-                self.phase = "waiting"  # only the sleep may be cancelled, never a claim being written
-                try:
-                    if self.cancel_requested:
-                        raise asyncio.CancelledError
-                    await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                finally:
-                    self.phase = "preparing"
-                delay = min(delay * 2, 0.5)
-                record = await run_db(_load, api_key_id=key_id, key=key)
-            if time.monotonic() >= deadline:
-                raise IdempotencyInProgress(param="idempotency_key", headers={"Retry-After": "1"})
+    # --- idempotent replays ---------------------------------------------------------------
 
     async def _replay(self, record: dict) -> list[dict]:
         if record.get("content_type") != FRAMES_CONTENT_TYPE:
@@ -628,22 +512,6 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
                 frame = {**frame, "replayed": True}
             await self._send(frame)
         return [{**frames[-1], "replayed": True}]
-
-    @staticmethod
-    async def _store(claim: int, frames: list[dict]) -> None:
-        from governance.idempotency import _store
-
-        await asyncio.shield(run_db(_store, record_id=claim, status=200, content_type=FRAMES_CONTENT_TYPE,
-                                    headers={}, body=_DUMPS(frames).encode()))
-
-    @staticmethod
-    async def _release(claim: int) -> None:
-        from governance.idempotency import _release
-
-        try:
-            await run_db(_release, record_id=claim)
-        except Exception:
-            logger.exception("Could not release an idempotency claim")
 
     # --- pushed from the channel layer -----------------------------------------------------
 
@@ -694,7 +562,7 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
         if self.turn_task is not None:
             self._touch()
             return
-        await self._send(_error_frame(PlatformError(
+        await self._send(error_event(PlatformError(
             f"No frame for {settings.WS_IDLE_TIMEOUT_SECONDS:g} s: the connection is closed; reconnect to go on.",
             code="idle_timeout", http_status=408)))
         await self._close(CLOSE_IDLE, "idle_timeout")
@@ -708,7 +576,7 @@ class NoRouteConsumer(AsyncWebsocketConsumer):
         await self.accept()
         error = NotFound(f"No WebSocket endpoint at {self.scope.get('path', '')[:200]!r}: "
                          "use /ws/agents/<name>/chat/.", code="route_not_found")
-        await self.send(text_data=_DUMPS(_error_frame(error)))
+        await self.send(text_data=_DUMPS(error_event(error)))
         await self.close(code=CLOSE_NOT_FOUND)
 
     async def receive(self, text_data=None, bytes_data=None) -> None:

@@ -18,7 +18,14 @@ each defining any of:
                         entry, usage) commit or vanish with the run's own;
   `async after(turn)`   sees the finished (or failed, or cancelled) turn.
 A turn refused in `before` is reported to each stage's `refused(turn, error)` if it has one.
-The transcript and run are written in one transaction, group-committed, after the model answered.
+The transcript and run are written in one transaction, group-committed, after the model answered;
+the run's last event (`done` or `error`) is yielded only once that transaction committed.
+A run whose rows cannot be stored (a row the database refuses, a session deleted mid-run) is
+stored again without its transcript (run, usage, audit entry), logged as an error; should that
+fail too, the turn ends with a 500 `run_not_stored` error instead of `done`: never an answer
+that nobody metered.
+
+`input_messages` are validated and normalized by agents.chat_input: content is one string.
 """
 
 from __future__ import annotations
@@ -49,6 +56,14 @@ from .runtime import AgentRun
 from .selectors import AgentSpec, agent_cache_key, agent_entry_from_db, agent_spec_from_entry, session_history
 
 logger = logging.getLogger("agents.pipeline")
+
+TRANSCRIPT_NOT_STORED = "transcript_not_stored"
+STORE_FAILED = "run_not_stored"
+
+
+class RunNotStored(PlatformError):
+    code = STORE_FAILED
+    message = "The answer could not be recorded, so it is not delivered; retry the request."
 
 
 async def principal_and_agent(key: str | None, agent_name: str | None) -> tuple[Principal | None, AgentSpec | None]:
@@ -106,8 +121,15 @@ class ChatTurn:
     response_headers: dict = field(default_factory=dict)
     # What stages want to remember between before/persist/after (keyed by stage).
     notes: dict = field(default_factory=dict)
-    # The run's cost in USD (Decimal), set by the billing stage when the run ends.
+    # The run's cost in USD (Decimal) and its tokens as billed, set by the billing stage when
+    # the run ends.
     cost_usd: object = None
+    billed_usage: dict | None = None
+    # True once the runtime's last event arrived: what remains is storing the run, which a
+    # cancel must not cut short.
+    ended: bool = False
+    # Set when the run could only be stored without its transcript, or not at all.
+    store_error: str = ""
     # A prepared turn whose events nobody starts reading within this many seconds (a streaming
     # client that left before the first frame) is finished as cancelled, so what its stages
     # hold (budget reservations) is released and the run is still recorded.
@@ -177,13 +199,17 @@ class ChatTurn:
         self._started = True
         if self._watchdog is not None:
             self._watchdog.cancel()
+        last: dict | None = None
         try:
             async for event in self.run.events():
-                if event["type"] == "error":
-                    self.status = Run.Status.FAILED
                 if event["type"] in ("done", "error"):
+                    if event["type"] == "error":
+                        self.status = Run.Status.FAILED
                     self.latency_ms = int((time.perf_counter() - self._t0) * 1000)
+                    self.ended = True
                     self._run_finished()
+                    last = event  # sent once the run is stored (below)
+                    continue
                 yield event
             if self.status == Run.Status.RUNNING:
                 self.status = Run.Status.SUCCEEDED
@@ -194,9 +220,16 @@ class ChatTurn:
                 self.status = Run.Status.CANCELLED
             raise
         finally:
-            self.latency_ms = int((time.perf_counter() - self._t0) * 1000)
+            if not self.ended:
+                self.latency_ms = int((time.perf_counter() - self._t0) * 1000)
             # Shielded: a cancelled request must not lose its run record halfway.
             await asyncio.shield(self._finish())
+        if self.store_error == STORE_FAILED:
+            error = RunNotStored()
+            self.run.error = error
+            last = {"type": "error", "code": error.code, "message": error.message, "status": error.http_status}
+        if last is not None:
+            yield last
 
     def _run_finished(self) -> None:
         if self.notes.get("_finished"):
@@ -213,32 +246,44 @@ class ChatTurn:
         try:
             await write_db(self._persist)
         except Exception:
-            logger.exception("Could not store run %s", self.run_id)
+            logger.exception("Could not store run %s with its transcript; storing it without", self.run_id)
+            self.store_error = TRANSCRIPT_NOT_STORED  # the stages' rows say so too (audit details)
+            try:
+                await write_db(lambda: self._persist(transcript=False))
+            except Exception:
+                self.store_error = STORE_FAILED
+                logger.exception("Could not store run %s at all: its usage is NOT metered", self.run_id)
         for after in _hooks("after"):
             try:
                 await after(self)
             except Exception:
                 logger.exception("Pipeline stage %s failed after run %s", _owner(after), self.run_id)
 
-    def _persist(self) -> None:
+    def _persist(self, transcript: bool = True) -> None:
+        """The run, its transcript and the stages' rows (usage, audit) in one transaction;
+        without `transcript`, the run alone (no session, messages or client metadata) with the
+        stages' rows: what a run whose transcript the database refused still owes."""
         run = self.run
         assert run is not None
         now = timezone.now()
         error = run.error
-        # Agents set to mask transcripts store messages (and titles, tool arguments) masked.
-        clean = mask_text if self.agent.mask_transcripts else _same
+        # Agents set to mask transcripts store messages, titles, tool arguments and metadata masked.
+        masked = self.agent.mask_transcripts
+        clean = mask_text if masked else _same
+        client_metadata = (mask_data(self.metadata) if masked else self.metadata) if transcript else {}
         with transaction.atomic():  # alone, or a savepoint inside write_db's group commit
             session = None
-            if self.use_session:
+            if self.use_session and transcript:
                 if self.session_exists:
                     session = Session(pk=self.session_id)
-                    Session.objects.filter(pk=self.session_id).update(last_activity_at=now)
+                    if not Session.objects.filter(pk=self.session_id).update(last_activity_at=now):
+                        raise Session.DoesNotExist(f"Session {self.session_id} was deleted during the run.")
                 else:
                     session, _ = Session.objects.get_or_create(
                         pk=self.session_id,
                         defaults={"agent_id": self.agent.id, "api_key_id": self.principal.key_id if self.principal else None,
                                   "user_id": self.user_id, "title": _title(self.input_messages, clean),
-                                  "metadata": self.metadata, "last_activity_at": now})
+                                  "metadata": client_metadata, "last_activity_at": now})
             Run.objects.create(
                 id=self.run_id, agent_id=self.agent.id, session=session,
                 api_key_id=self.principal.key_id if self.principal else None,
@@ -247,7 +292,8 @@ class ChatTurn:
                 total_tokens=run.usage.total_tokens, steps=run.steps, latency_ms=self.latency_ms,
                 error_code=error.code if error else "", error_message=error.message if error else "",
                 request_id=self.request_id or "", started_at=self.started_at, finished_at=now,
-                metadata={**({"client": self.metadata} if self.metadata else {}),
+                metadata={**({"client": client_metadata} if client_metadata else {}),
+                          **({} if transcript else {"transcript_stored": False}),
                           "calls": [{"model": c.model, "prompt_tokens": c.usage.prompt_tokens,
                                      "completion_tokens": c.usage.completion_tokens, "ok": c.ok,
                                      "error": c.error_code, "latency_ms": c.latency_ms,
@@ -255,7 +301,7 @@ class ChatTurn:
             )
             if session is not None:
                 rows = [Message(session=session, run_id=self.run_id, role=m["role"],
-                                content=clean(_text(m.get("content"))), created_at=self.started_at)
+                                content=clean(m.get("content") or ""), created_at=self.started_at)
                         for m in self.input_messages]
                 produced = list(run.produced)
                 partial = run.partial_output[len(run.output):] if self.status != Run.Status.SUCCEEDED else ""
@@ -306,17 +352,11 @@ def _same(text: str) -> str:
     return text
 
 
-def _text(content) -> str:
-    if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content or ""
-
-
 def _title(messages: list[dict], clean=_same) -> str:
     for m in messages:
         if m.get("role") == "user":
             # Masked before it is cut, so a secret split at the cut cannot slip through.
-            text = " ".join(clean(_text(m.get("content"))).split())
+            text = " ".join(clean(m.get("content") or "").split())
             return text[:80] + ("…" if len(text) > 80 else "")
     return ""
 

@@ -2,65 +2,32 @@
 
 from __future__ import annotations
 
-from django.conf import settings
 from rest_framework import serializers
 
+from .chat_input import REST_ROLES, metadata_of
 from .models import Message, Session
 
 
-class InputMessageSerializer(serializers.Serializer):
-    role = serializers.ChoiceField(choices=["system", "user", "assistant"])
-    content = serializers.CharField(allow_blank=False, trim_whitespace=False)
+# The chat request's schema, for the OpenAPI document only: agents.chat_input validates
+# (tests/test_chat_input.py keeps the two in step).
 
-    def validate_content(self, value: str) -> str:
-        if len(value) > settings.MAX_MESSAGE_CHARS:
-            raise serializers.ValidationError(f"Longer than {settings.MAX_MESSAGE_CHARS} characters.")
-        return value
+
+class InputMessageSerializer(serializers.Serializer):
+    role = serializers.ChoiceField(choices=list(REST_ROLES))
+    content = serializers.JSONField(help_text="A non-empty string, or a list of text parts `{type: text, text}`; "
+                                              "at most MAX_MESSAGE_CHARS characters.")
 
 
 class ChatRequestSerializer(serializers.Serializer):
-    message = serializers.CharField(required=False, allow_blank=False, trim_whitespace=False,
-                                    help_text="The user's message. Give this or `messages`.")
+    message = serializers.CharField(required=False, help_text="The user's message. Give this or `messages`.")
     messages = InputMessageSerializer(many=True, required=False,
                                       help_text="New messages to append to the session (the last one from the user).")
     session_id = serializers.UUIDField(required=False, allow_null=True,
                                        help_text="Continue this session; an unknown id creates it with that id.")
     stream = serializers.BooleanField(required=False, default=False,
                                       help_text="Answer as text/event-stream, one event per runtime event.")
-    metadata = serializers.DictField(required=False, default=dict)
-
-    def validate_message(self, value: str) -> str:
-        if len(value) > settings.MAX_MESSAGE_CHARS:
-            raise serializers.ValidationError(f"Longer than {settings.MAX_MESSAGE_CHARS} characters.")
-        return value
-
-    def validate_messages(self, value: list) -> list:
-        if not value:
-            raise serializers.ValidationError("Give at least one message.")
-        if len(value) > settings.MAX_MESSAGES_PER_REQUEST:
-            raise serializers.ValidationError(f"At most {settings.MAX_MESSAGES_PER_REQUEST} messages.")
-        if value[-1]["role"] != "user":
-            raise serializers.ValidationError("The last message must be from the user.")
-        return value
-
-    def validate_metadata(self, value: dict) -> dict:
-        import json
-
-        if len(json.dumps(value)) > 16_384:
-            raise serializers.ValidationError("At most 16 KiB of metadata.")
-        return value
-
-    def validate(self, attrs: dict) -> dict:
-        unknown = set(self.initial_data) - set(self.fields)
-        if unknown:
-            raise serializers.ValidationError({sorted(unknown)[0]: "Unknown field."})
-        if ("message" in attrs) == ("messages" in attrs):
-            raise serializers.ValidationError({"message": "Give exactly one of `message` or `messages`."})
-        if "message" in attrs:
-            attrs["input_messages"] = [{"role": "user", "content": attrs.pop("message")}]
-        else:
-            attrs["input_messages"] = [dict(m) for m in attrs.pop("messages")]
-        return attrs
+    metadata = serializers.DictField(required=False, default=dict,
+                                     help_text="Stored with the run: at most 16 KiB as compact UTF-8 JSON.")
 
 
 class UsageSerializer(serializers.Serializer):
@@ -139,6 +106,9 @@ class SessionCreateSerializer(serializers.Serializer):
     id = serializers.UUIDField(required=False, help_text="Choose the session's id (default: a new UUID).")
     title = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")
     metadata = serializers.DictField(required=False, default=dict)
+
+    def validate_metadata(self, value: dict) -> dict:
+        return metadata_of(value)
 
     def validate(self, attrs: dict) -> dict:
         unknown = set(self.initial_data) - set(self.fields)

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import re
 
-from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, Q
-from django.http import JsonResponse, StreamingHttpResponse
+from django.http import JsonResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, status
@@ -33,6 +32,7 @@ from governance.permissions import ReadOnlyForClients, owned_by_key
 from governance.selectors import presented_key
 
 from . import services
+from .chat_input import rest_chat_input
 from .loading import DefinitionsInvalid, agents_load
 from .models import Agent, Session
 from .pipeline import ChatTurn, authorize_agent, chat_complete, principal_and_agent
@@ -48,7 +48,7 @@ from .serializers import (
     SessionDetailSerializer,
     SessionSerializer,
 )
-from .streaming import sse_event, with_heartbeats
+from .streaming import event_stream_response, sse_stream
 
 ERRORS = {
     400: OpenApiResponse(description="Invalid body: `error.param` names the field."),
@@ -256,36 +256,15 @@ class ChatView(AsyncAPIView):
         return await idempotent(request, principal, lambda: self._chat(request, principal, agent))
 
     async def _chat(self, request, principal, agent):
-        serializer = ChatRequestSerializer(data=parse_json_body(request))
-        serializer.is_valid(raise_exception=True)
-        data = serializer.validated_data
-        turn = ChatTurn(principal=principal, agent=agent, input_messages=data["input_messages"],
-                        transport="sse" if data["stream"] else "rest", stream=data["stream"],
-                        request_id=request.request_id, session_id=data.get("session_id"),
-                        metadata=data.get("metadata") or {}, client_ip=client_ip(request))
+        data = rest_chat_input(parse_json_body(request))
+        turn = ChatTurn(principal=principal, agent=agent, input_messages=data.messages,
+                        transport="sse" if data.stream else "rest", stream=data.stream,
+                        request_id=request.request_id, session_id=data.session_id,
+                        metadata=data.metadata, client_ip=client_ip(request))
         await turn.prepare()
-        if not data["stream"]:
+        if not data.stream:
             return with_headers(JsonResponse(await chat_complete(turn)), turn.response_headers)
-        return with_headers(sse_response(turn), turn.response_headers)
-
-
-def sse_response(turn: ChatTurn) -> StreamingHttpResponse:
-    async def frames():
-        yield sse_event({"type": "start", "run_id": str(turn.run_id), "session_id": str(turn.session_id),
-                         "agent": turn.agent.name})
-        async for event in turn.events():
-            if event["type"] == "done":
-                event = {**event, **turn.result()}
-                event["type"] = "done"
-            elif event["type"] == "error":
-                event = {**event, "request_id": turn.request_id}
-            yield sse_event(event)
-
-    response = StreamingHttpResponse(with_heartbeats(frames(), settings.SSE_HEARTBEAT_SECONDS),
-                                     content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
-    return response
+        return event_stream_response(sse_stream(turn), turn.response_headers)
 
 
 def _sessions_of(principal):

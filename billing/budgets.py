@@ -154,10 +154,7 @@ def estimate_prompt_tokens(messages: Iterable[dict], tools: Iterable[Any] = ()) 
     tool schemas, then a margin."""
     total = 0
     for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):
-            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-        text = (content or "") + (json.dumps(m["tool_calls"]) if m.get("tool_calls") else "")
+        text = (m.get("content") or "") + (json.dumps(m["tool_calls"]) if m.get("tool_calls") else "")
         total += math.ceil(len(text.encode()) / 4) + TOKENS_PER_MESSAGE
     for tool in tools:
         schema = {"name": getattr(tool, "name", ""), "description": getattr(tool, "description", ""),

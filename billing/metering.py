@@ -3,7 +3,8 @@
     before(turn)    loads all prices in one async cache read (a miss: one query, then cached)
                     into turn.notes, so pricing the run later needs no I/O;
     finished(turn)  sync, no I/O: prices each call of turn.run.calls and sets turn.cost_usd
-                    (a Decimal, the sum of the calls' rounded costs), so `done` carries it;
+                    (a Decimal, the sum of the calls' rounded costs) and turn.billed_usage (the
+                    tokens as billed, estimated ones included), so `done` carries them;
     persist(turn)   inside the run's transaction: one UsageRecord per call (bulk_create, in call
                     order), so the usage commits or vanishes with the run it belongs to. The
                     first call's record has starts_run=True: the one record that counts the run
@@ -98,6 +99,10 @@ class MeteringStage:
         calls = metered_calls(turn, note["prices"])
         note["calls"] = calls
         turn.cost_usd = Usd(sum((c.cost_usd for c in calls), Decimal("0")).quantize(Decimal("0.00000001")))
+        prompt = sum(c.prompt_tokens for c in calls)
+        completion = sum(c.completion_tokens for c in calls)
+        turn.billed_usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion, "estimated": any(c.estimated for c in calls)}
 
     def persist(self, turn) -> None:
         from .models import UsageRecord

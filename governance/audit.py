@@ -411,6 +411,8 @@ class AuditStage:
         }
         if run.error is not None:
             details["error_code"] = run.error.code
+        if turn.store_error:
+            details["store_error"] = turn.store_error
         audit_record(actor=turn_actor(turn), action="request.served", target=f"agent:{turn.agent.name}",
                      outcome=_SERVED_OUTCOMES.get(turn.status, AuditLog.Outcome.ERROR), details=details,
                      request_id=turn.request_id or "", client_ip=turn.client_ip)

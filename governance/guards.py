@@ -148,17 +148,10 @@ def prompt_injection_score(text: str) -> GuardResult:
     return GuardResult(sum(_WEIGHTS[r] for r in rules), rules)
 
 
-def _text(content) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
 def turn_input_text(turn: "ChatTurn") -> str:
-    """The user messages of the turn's input, joined (never the stored history)."""
-    return "\n".join(_text(m.get("content")) for m in turn.input_messages if m.get("role") == "user")
+    """The user messages of the turn's input, joined (never the stored history); content is one
+    string each (agents.chat_input folds content parts)."""
+    return "\n".join(m.get("content") or "" for m in turn.input_messages if m.get("role") == "user")
 
 
 class PromptInjectionBlocked(InvalidRequest):

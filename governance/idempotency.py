@@ -33,6 +33,11 @@ replaced by the next request with its key. `idempotency_records_purge()` deletes
 records; claims call it opportunistically (at most every PURGE_INTERVAL_SECONDS per process,
 a bounded batch), and a periodic Celery task may call it too.
 
+The same records serve every transport through one public API: `idempotent()` for HTTP views;
+`idempotency_claim()`, `idempotency_store()`, `idempotency_release()` and
+`idempotency_fingerprint()` for others (the WebSocket consumer's `idempotency_key`), which
+encode their own answer (the frames they sent) under the claim.
+
 Cost: a claim (INSERT) and a store (UPDATE) per request that carries the header, on the
 run_db threads. On PostgreSQL both commit with synchronous_commit off (`_relaxed_commit`):
 visible at once, no fsync wait; a replay is one SELECT.
@@ -103,12 +108,80 @@ def idempotency_key_of(request: HttpRequest) -> str | None:
     return key
 
 
-def request_fingerprint(request: HttpRequest) -> str:
+def idempotency_fingerprint(*parts: bytes) -> str:
+    """What makes two requests "the same request": sha256 over the parts, length-prefixed so
+    that no two different part lists hash alike."""
     digest = hashlib.sha256()
-    for part in (request.method.encode(), request.path.encode(), request.body):
-        digest.update(len(part).to_bytes(8, "big"))  # length-prefixed: no ambiguity between parts
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
     return digest.hexdigest()
+
+
+def request_fingerprint(request: HttpRequest) -> str:
+    return idempotency_fingerprint(request.method.encode(), request.path.encode(), request.body)
+
+
+async def idempotency_claim(*, api_key_id: int, key: str, fingerprint: str,
+                            param: str = HEADER) -> tuple[int | None, dict | None]:
+    """Claim `key` for this API key, or wait for the request that holds it:
+    (claim id, None) — run the request, then idempotency_store() or idempotency_release();
+    (None, record) — a finished request with this key and fingerprint: replay `record`.
+    Raises IdempotencyKeyReused (another request used the key) or, after IDEMPOTENCY_WAIT_SECONDS,
+    IdempotencyInProgress. Cancellable at any point: a claim won while the caller was being
+    cancelled is given back, never left "running"."""
+    deadline = time.monotonic() + _wait_seconds()
+    delay = _POLL_FIRST
+    while True:
+        claimed, record = await _cancel_safe_claim(api_key_id=api_key_id, key=key, fingerprint=fingerprint)
+        if claimed is not None:
+            return claimed, None
+        while record is not None:
+            if record["request_hash"] != fingerprint:
+                raise IdempotencyKeyReused(param=param)
+            if record["state"] == IdempotencyRecord.State.DONE:
+                return None, record
+            if time.monotonic() >= deadline:
+                raise IdempotencyInProgress(param=param, headers={"Retry-After": "1"})
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, _POLL_MAX)
+            record = await run_db(_load, api_key_id=api_key_id, key=key)
+        # The first request released its claim (it failed or its client left): claim it ourselves.
+        if time.monotonic() >= deadline:
+            raise IdempotencyInProgress(param=param, headers={"Retry-After": "1"})
+
+
+async def _cancel_safe_claim(**kwargs: Any) -> tuple[int | None, dict | None]:
+    job = asyncio.ensure_future(run_db(_claim, **kwargs))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        job.add_done_callback(_release_if_claimed)
+        raise
+
+
+def _release_if_claimed(job: asyncio.Future) -> None:
+    if not job.cancelled() and job.exception() is None and job.result()[0] is not None:
+        _background.add(task := asyncio.ensure_future(idempotency_release(job.result()[0])))
+        task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Future] = set()
+
+
+async def idempotency_store(claim: int, *, status: int, content_type: str, headers: dict, body: bytes) -> None:
+    """The finished answer under the claim, for replays (shielded: a cancel cannot cut it short)."""
+    await asyncio.shield(run_db(_store, record_id=claim, status=status, content_type=content_type,
+                                headers=headers, body=body))
+
+
+async def idempotency_release(claim: int) -> None:
+    """Give the claim up (the request failed or was cancelled): the next request with the key
+    runs. Shielded; a failure is logged (the claim then expires as stale)."""
+    try:
+        await asyncio.shield(run_db(_release, record_id=claim))
+    except Exception:
+        logger.exception("Could not release an idempotency claim")
 
 
 async def idempotent(request: HttpRequest, principal: Any,
@@ -119,26 +192,11 @@ async def idempotent(request: HttpRequest, principal: Any,
     key = idempotency_key_of(request)
     if key is None:
         return await produce()
-    fingerprint = request_fingerprint(request)
-    deadline = time.monotonic() + _wait_seconds()
-    delay = _POLL_FIRST
-    while True:
-        claimed, record = await run_db(_claim, api_key_id=principal.key_id, key=key, fingerprint=fingerprint)
-        if claimed is not None:
-            return await _produce_and_store(claimed, produce)
-        while record is not None:
-            if record["request_hash"] != fingerprint:
-                raise IdempotencyKeyReused(param=HEADER)
-            if record["state"] == IdempotencyRecord.State.DONE:
-                return _replay(record)
-            if time.monotonic() >= deadline:
-                raise IdempotencyInProgress(param=HEADER, headers={"Retry-After": "1"})
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, _POLL_MAX)
-            record = await run_db(_load, api_key_id=principal.key_id, key=key)
-        # The first request released its claim (it failed or its client left): claim it ourselves.
-        if time.monotonic() >= deadline:
-            raise IdempotencyInProgress(param=HEADER, headers={"Retry-After": "1"})
+    claimed, record = await idempotency_claim(api_key_id=principal.key_id, key=key,
+                                              fingerprint=request_fingerprint(request))
+    if record is not None:
+        return _replay(record)
+    return await _produce_and_store(claimed, produce)
 
 
 # --- database work (run_db threads) ------------------------------------------------------
@@ -255,19 +313,14 @@ def _kept_headers(response: HttpResponseBase) -> dict[str, str]:
             if name.lower() not in _NOT_STORED and not name.lower().startswith("x-ratelimit-")}
 
 
-async def _release_shielded(record_id: int) -> None:
-    # Shielded: a cancelled request (client gone) must still give its claim up.
-    await asyncio.shield(run_db(_release, record_id=record_id))
-
-
 async def _produce_and_store(record_id: int, produce: Callable[[], Awaitable[HttpResponseBase]]) -> HttpResponseBase:
     try:
         response = await produce()
     except BaseException:
-        await _release_shielded(record_id)
+        await idempotency_release(record_id)
         raise
     if not _storable(response.status_code):
-        await _release_shielded(record_id)
+        await idempotency_release(record_id)
         return response
     content_type = response.get("Content-Type", "")
     headers = _kept_headers(response)
@@ -276,10 +329,10 @@ async def _produce_and_store(record_id: int, produce: Callable[[], Awaitable[Htt
                                           status=response.status_code, content_type=content_type, headers=headers)
         return response
     try:
-        await asyncio.shield(run_db(_store, record_id=record_id, status=response.status_code,
-                                    content_type=content_type, headers=headers, body=bytes(response.content)))
+        await idempotency_store(record_id, status=response.status_code, content_type=content_type,
+                                headers=headers, body=bytes(response.content))
     except Exception:
-        await _release_shielded(record_id)
+        await idempotency_release(record_id)
         raise
     return response
 
@@ -305,13 +358,13 @@ async def _tee(source: AsyncIterator[bytes], *, record_id: int, status: int, con
         body = b"".join(parts)
         if finished and not _stream_failed(body):
             try:
-                await asyncio.shield(run_db(_store, record_id=record_id, status=status, content_type=content_type,
-                                            headers=headers, body=body))
+                await idempotency_store(record_id, status=status, content_type=content_type, headers=headers,
+                                        body=body)
             except Exception:
-                await _release_shielded(record_id)
+                await idempotency_release(record_id)
                 raise
         else:
-            await _release_shielded(record_id)
+            await idempotency_release(record_id)
 
 
 def _replay(record: dict) -> HttpResponse:

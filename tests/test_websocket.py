@@ -325,7 +325,7 @@ async def test_a_cancel_with_no_turn_running_is_ignored(make_agent, key):
     ('{"type": "subscribe"}', "unknown_frame_type", "type"),
     ('{"type": "message"}', "invalid_field", "content"),
     ('{"type": "message", "content": ""}', "invalid_field", "content"),
-    ('{"type": "message", "content": ["a"]}', "invalid_field", "content"),
+    ('{"type": "message", "content": ["a"]}', "invalid_field", "content[0]"),
     ('{"type": "message", "content": "hi", "colour": "red"}', "invalid_field", "colour"),
     ('{"type": "message", "content": "hi", "session_id": "not-a-uuid"}', "invalid_field", "session_id"),
     ('{"type": "message", "content": "hi", "session_id": 12}', "invalid_field", "session_id"),

@@ -21,10 +21,7 @@ _URL = re.compile(r"https?://[^\s'\"<>]+")
 
 
 def _text(message: dict) -> str:
-    content = message.get("content") or ""
-    if isinstance(content, list):  # OpenAI content parts
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return str(content)
+    return message.get("content") or ""  # one string: agents.chat_input folds content parts
 
 
 def _tool_names(tools: list[dict] | None) -> set[str]:
