@@ -9,6 +9,7 @@ Malformed values fail here, at startup.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 
@@ -286,6 +287,29 @@ WS_IDLE_TIMEOUT_SECONDS = env.float("WS_IDLE_TIMEOUT_SECONDS", default=0.0)
 if WS_MAX_FRAME_BYTES < 1 or WS_AUTH_TIMEOUT_SECONDS <= 0 or WS_IDLE_TIMEOUT_SECONDS < 0:
     raise ImproperlyConfigured("WS_MAX_FRAME_BYTES and WS_AUTH_TIMEOUT_SECONDS must be > 0, "
                                "WS_IDLE_TIMEOUT_SECONDS >= 0.")
+
+
+def _private_networks() -> tuple:
+    """HTTP_FETCH_ALLOW_PRIVATE_NETWORKS: networks skills may reach although they are not public.
+
+    Comma-separated CIDRs ("10.0.0.0/8,127.0.0.1"; a bare address is one host; "0.0.0.0/0,::/0"
+    exempts everything). Empty: http_fetch and http skills reach public addresses only
+    (agents/skills/outbound.py).
+    """
+    networks = []
+    for raw in env.list("HTTP_FETCH_ALLOW_PRIVATE_NETWORKS", default=[]):
+        if not raw.strip():
+            continue
+        try:
+            networks.append(ipaddress.ip_network(raw.strip(), strict=False))
+        except ValueError:
+            raise ImproperlyConfigured(f"HTTP_FETCH_ALLOW_PRIVATE_NETWORKS: {raw!r} is not a network such as "
+                                       "10.0.0.0/8 or 127.0.0.1 (comma-separated).") from None
+    return tuple(networks)
+
+
+HTTP_FETCH_ALLOW_PRIVATE_NETWORKS = _private_networks()
+
 # The demo agents use the offline `local` model unless an OpenAI key is configured.
 DEMO_MODEL = env.str("DEMO_MODEL", default="openai/gpt-4o-mini" if OPENAI_API_KEY else "local/demo")
 

@@ -34,6 +34,7 @@ print(json.dumps({
     "providers": s.LLM_PROVIDERS,
     "max_request_bytes": s.MAX_REQUEST_BYTES,
     "upload_limit": s.DATA_UPLOAD_MAX_MEMORY_SIZE,
+    "private_networks": [str(n) for n in s.HTTP_FETCH_ALLOW_PRIVATE_NETWORKS],
 }, default=str))
 """
 
@@ -44,13 +45,14 @@ SCENARIOS: dict[str, dict[str, str]] = {
     # Nothing but DEBUG (plus knobs that do not change the stack).
     "embedded": {"DEBUG": "1", "MAX_REQUEST_BYTES": "2048",
                  "LLM_PROVIDERS": '{"vllm": {"base_url": "http://gpu:8000/v1", "api_key_env": "VLLM_KEY"}}',
-                 "VLLM_KEY": "sk-vllm"},
+                 "VLLM_KEY": "sk-vllm", "HTTP_FETCH_ALLOW_PRIVATE_NETWORKS": "10.1.2.0/24, 127.0.0.1,fd00::/8,"},
     "postgres": {"DEBUG": "1", "DATABASE_URL": "postgres://app:pw@db.example:5432/agents",
                  "DATABASE_POOL_MAX_SIZE": "7"},
     "redis": {"DEBUG": "1", "REDIS_URL": "redis://cache.example:6379/2"},
     "bad_number": {"DEBUG": "1", "MAX_REQUEST_BYTES": "lots"},
     "bad_providers_json": {"DEBUG": "1", "LLM_PROVIDERS": "{oops"},
     "providers_redefine_openai": {"DEBUG": "1", "LLM_PROVIDERS": '{"openai": {"base_url": "http://x/v1"}}'},
+    "bad_private_networks": {"DEBUG": "1", "HTTP_FETCH_ALLOW_PRIVATE_NETWORKS": "true"},
 }
 
 
@@ -143,6 +145,12 @@ def test_it_fails_at_startup_on_malformed_values(outcomes):
     assert "LLM_PROVIDERS" in refused(outcomes, "bad_providers_json")
     err = refused(outcomes, "providers_redefine_openai")
     assert "LLM_PROVIDERS" in err and "openai" in err
+    assert "HTTP_FETCH_ALLOW_PRIVATE_NETWORKS: 'true' is not a network" in refused(outcomes, "bad_private_networks")
+
+
+def test_it_lets_skills_reach_only_public_addresses_unless_networks_are_listed(outcomes):
+    assert ok(outcomes, "production_secret")["private_networks"] == []
+    assert ok(outcomes, "embedded")["private_networks"] == ["10.1.2.0/24", "127.0.0.1/32", "fd00::/8"]
 
 
 def test_it_reads_an_extra_providers_key_from_the_variable_it_names(outcomes):

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import socket
+import ssl
 import threading
 import time
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import trustme
 from asgiref.sync import sync_to_async
+from conftest import Api, orm
 from django.db import connection, connections
 
-from agents.models import Agent, Document
+from agents.models import Agent, AgentSkill, Document, Skill
 from agents.skills import BUILTINS, builtin_skill_defaults, skill_execute
 from agents.skills.base import SkillContext, SkillSpec, ToolResult
 from agents.skills.http_fetch import host_allowed
@@ -63,6 +69,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, b"too late")
         elif self.path == "/redirect":
             self._send(302, b"", Location="http://elsewhere.invalid/secret")
+        elif self.path.startswith("/bounce?"):
+            self._send(302, b"", Location=parse_qs(urlsplit(self.path).query)["to"][0])
         else:
             self._send(404, b"not here")
 
@@ -82,18 +90,89 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"not here")
 
 
-@pytest.fixture
-def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+def serve(address: str, port: int = 0, tls: ssl.SSLContext | None = None):
+    httpd = ThreadingHTTPServer((address, port), _Handler)
+    if tls is not None:
+        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
     httpd.daemon_threads = True
     httpd.block_on_close = False  # the /slow handler may still sleep at teardown
     httpd.requests = []
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    httpd.base_url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.port = httpd.server_address[1]
+    httpd.entry = f"{address}:{httpd.port}"  # its allowed_hosts entry
+    httpd.base_url = f"http://{httpd.entry}"
+    return httpd
+
+
+@pytest.fixture
+def server():
+    httpd = serve("127.0.0.1")
     yield httpd
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture
+def tls_server(monkeypatch, tmp_path):
+    """An HTTPS server whose certificate names "localhost" only, from a CA that SSL_CERT_FILE trusts."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(context)
+    server_names = []
+    context.sni_callback = lambda sock, name, ctx: server_names.append(name)
+    httpd = serve("127.0.0.1", tls=context)
+    httpd.server_names = server_names
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def internal_server():
+    """An "internal service" on another loopback address (Linux routes all of 127.0.0.0/8 to lo)."""
+    httpd = serve("127.0.0.2")
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def networks(*cidrs: str) -> tuple:
+    return tuple(ipaddress.ip_network(cidr) for cidr in cidrs)
+
+
+@pytest.fixture
+def loopback_allowed(settings):
+    """As a deployment whose skills call local services: HTTP_FETCH_ALLOW_PRIVATE_NETWORKS=127.0.0.0/8,::1."""
+    settings.HTTP_FETCH_ALLOW_PRIVATE_NETWORKS = networks("127.0.0.0/8", "::1/128")
+
+
+@pytest.fixture
+def resolver(monkeypatch):
+    """A test-local DNS: names in `resolver.answers` resolve to the next addresses of their list
+    (the last entry repeats; an empty one is NXDOMAIN); every other name goes to the system
+    resolver. `resolver.lookups` counts the lookups of each such name."""
+    real = socket.getaddrinfo
+    answers: dict[str, list[list[str]]] = {}
+    lookups: dict[str, int] = {}
+
+    def getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name not in answers:
+            return real(host, port, family, type, proto, flags)
+        turn = lookups.get(name, 0)
+        lookups[name] = turn + 1
+        addresses = answers[name][min(turn, len(answers[name]) - 1)]
+        if not addresses:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "",
+                 (a, int(port or 0)) if ":" not in a else (a, int(port or 0), 0, 0)) for a in addresses]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    getaddrinfo.answers, getaddrinfo.lookups = answers, lookups
+    return getaddrinfo
 
 
 # --- calculator ----------------------------------------------------------------------------
@@ -218,15 +297,37 @@ async def test_it_refuses_unknown_zones(zone):
 
 # --- http_fetch ----------------------------------------------------------------------------
 
-async def test_it_fetches_from_an_allowed_host(server):
-    result = await call("http_fetch", {"url": f"{server.base_url}/hello"}, allowed_hosts=["127.0.0.1"])
+async def test_it_fetches_from_an_allowed_host(server, loopback_allowed):
+    result = await call("http_fetch", {"url": f"{server.base_url}/hello"}, allowed_hosts=[server.entry])
 
     assert result == ToolResult(content="HTTP 200\ntext/plain; charset=utf-8\n\nhéllo world")
     assert [(r["method"], r["path"]) for r in server.requests] == [("GET", "/hello")]
 
 
-async def test_it_returns_error_statuses_as_content(server):
-    result = await call("http_fetch", {"url": f"{server.base_url}/missing"}, allowed_hosts=["127.0.0.1"])
+async def test_it_fetches_a_name_at_the_address_it_resolved_with_the_name_as_host(server, loopback_allowed):
+    result = await call("http_fetch", {"url": f"http://localhost:{server.port}/hello"},
+                        allowed_hosts=[f"localhost:{server.port}"])
+
+    assert result == ToolResult(content="HTTP 200\ntext/plain; charset=utf-8\n\nhéllo world")
+    [request] = server.requests
+    assert request["headers"]["Host"] == f"localhost:{server.port}"
+
+
+async def test_it_verifies_tls_for_the_name_while_connecting_to_the_checked_address(tls_server, loopback_allowed):
+    port = tls_server.port
+
+    by_name = await call("http_fetch", {"url": f"https://localhost:{port}/hello"}, allowed_hosts=[f"localhost:{port}"])
+    by_ip = await call("http_fetch", {"url": f"https://127.0.0.1:{port}/hello"}, allowed_hosts=[f"127.0.0.1:{port}"])
+
+    assert by_name == ToolResult(content="HTTP 200\ntext/plain; charset=utf-8\n\nhéllo world")
+    assert tls_server.server_names[0] == "localhost"  # SNI: the name, not the address
+    assert tls_server.requests[0]["headers"]["Host"] == f"localhost:{port}"
+    assert by_ip.is_error and "CERTIFICATE_VERIFY_FAILED" in by_ip.content  # the certificate names localhost only
+    assert len(tls_server.requests) == 1
+
+
+async def test_it_returns_error_statuses_as_content(server, loopback_allowed):
+    result = await call("http_fetch", {"url": f"{server.base_url}/missing"}, allowed_hosts=[server.entry])
 
     assert not result.is_error
     assert result.content.startswith("HTTP 404\n")
@@ -234,7 +335,7 @@ async def test_it_returns_error_statuses_as_content(server):
 
 @pytest.mark.parametrize("config", [{"allowed_hosts": ["example.com"]}, {"allowed_hosts": []}, {},
                                     {"allowed_hosts": ["*.0.0.1"]}])
-async def test_it_refuses_hosts_not_allowed_without_a_request(server, config):
+async def test_it_refuses_hosts_not_allowed_without_a_request(server, loopback_allowed, config):
     result = await call("http_fetch", {"url": f"{server.base_url}/hello"}, **config)
 
     assert result.is_error
@@ -242,63 +343,237 @@ async def test_it_refuses_hosts_not_allowed_without_a_request(server, config):
     assert server.requests == []
 
 
+# Each host is on the allow-list (with and without the port): only where it points refuses it.
+@pytest.mark.parametrize("host, kind", [
+    ("localhost", "loopback"),
+    ("127.0.0.1", "loopback"),
+    ("2130706433", "loopback"),  # 127.0.0.1 as one decimal number, which the resolver accepts
+    ("0x7f.1", "loopback"),
+    ("127.1", "loopback"),
+    ("[::ffff:127.0.0.1]", "loopback"),  # IPv4-mapped IPv6
+    ("[2002:7f00:1::]", "loopback"),  # 6to4 carrying 127.0.0.1
+    ("0.0.0.0", "unspecified"),  # reaches this host's listeners on Linux
+    ("[::1]", "loopback"),
+    ("[::]", "unspecified"),
+    ("169.254.169.254", "link-local"),  # cloud metadata
+    ("[fe80::1]", "link-local"),
+    ("10.0.0.1", "private"),
+    ("172.16.0.1", "private"),
+    ("192.168.1.1", "private"),
+    ("[fc00::1]", "private"),
+    ("100.64.0.1", "non-public"),  # shared address space (carrier-grade NAT)
+    ("224.0.0.1", "multicast"),
+    ("[ff02::1]", "multicast"),
+    ("240.0.0.1", "private"),
+    ("[64:ff9b::7f00:1]", "reserved"),  # NAT64
+])
+async def test_it_refuses_names_and_addresses_that_are_not_public(server, host, kind):
+    url = f"http://{host}:{server.port}/hello"
+
+    result = await call("http_fetch", {"url": url}, allowed_hosts=[host, f"{host}:{server.port}"],
+                        timeout_seconds=2)
+
+    assert result.is_error
+    assert f"is not a public address ({kind}); only public addresses can be fetched" in result.content
+    assert server.requests == []
+
+
+async def test_it_says_what_a_name_resolved_to(server):
+    result = await call("http_fetch", {"url": f"http://localhost:{server.port}/hello"},
+                        allowed_hosts=[f"localhost:{server.port}"])
+
+    assert result == ToolResult(content="error: host 'localhost' resolves to 127.0.0.1, which is not a public "
+                                        "address (loopback); only public addresses can be fetched", is_error=True)
+
+
+async def test_it_refuses_a_name_when_any_of_its_addresses_is_not_public(server, resolver):
+    resolver.answers["mixed.example"] = [["93.184.215.14", "127.0.0.1"]]
+
+    result = await call("http_fetch", {"url": f"http://mixed.example:{server.port}/hello"},
+                        allowed_hosts=[f"mixed.example:{server.port}"])
+
+    assert result.is_error
+    assert "'mixed.example' resolves to 127.0.0.1, which is not a public address (loopback)" in result.content
+    assert server.requests == []
+
+
+@pytest.fixture
+def rebound_server(server):
+    """An internal service on the allowed server's port at another loopback address."""
+    httpd = serve("127.0.0.2", server.port)
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+async def test_it_connects_to_the_address_it_checked_and_sees_a_rebound_name(server, rebound_server, resolver,
+                                                                             settings):
+    # Only the allowed server's address is exempt; the name then rebinds to the internal one.
+    settings.HTTP_FETCH_ALLOW_PRIVATE_NETWORKS = networks("127.0.0.1/32")
+    resolver.answers["docs.example"] = [["127.0.0.1"], ["127.0.0.2"]]
+    allowed = ["docs.example", f"docs.example:{server.port}"]
+
+    first = await call("http_fetch", {"url": f"http://docs.example:{server.port}/hello"}, allowed_hosts=allowed)
+    second = await call("http_fetch", {"url": f"http://docs.example:{server.port}/hello"}, allowed_hosts=allowed)
+
+    assert first.content.startswith("HTTP 200\n")
+    assert resolver.lookups["docs.example"] == 2  # one per fetch: the connection used the checked address
+    assert server.requests[0]["headers"]["Host"] == f"docs.example:{server.port}"
+    assert second.is_error
+    assert "'docs.example' resolves to 127.0.0.2, which is not a public address (loopback)" in second.content
+    assert rebound_server.requests == []
+
+
+async def test_it_tries_the_next_checked_address_when_one_does_not_connect(server, resolver, loopback_allowed):
+    resolver.answers["two.example"] = [["127.0.0.2", "127.0.0.1"]]  # nothing listens on the first
+
+    result = await call("http_fetch", {"url": f"http://two.example:{server.port}/hello"},
+                        allowed_hosts=[f"two.example:{server.port}"])
+
+    assert result.content.startswith("HTTP 200\n")
+    assert resolver.lookups["two.example"] == 1
+
+
+async def test_it_reports_names_that_do_not_resolve(resolver):
+    resolver.answers["gone.example"] = [[]]
+
+    fetched = await call("http_fetch", {"url": "https://gone.example/"}, allowed_hosts=["gone.example"])
+    posted = await skill_execute(skill=http_spec("https://gone.example/hook?token=s3cret"), arguments={},
+                                 context=CONTEXT)
+
+    assert fetched == ToolResult(content="error: host 'gone.example' could not be resolved", is_error=True)
+    assert posted == ToolResult(content="error: the weather endpoint's host could not be resolved", is_error=True)
+
+
+async def test_it_refuses_ports_the_allow_list_does_not_name(server, loopback_allowed):
+    url = f"{server.base_url}/hello"
+
+    bare = await call("http_fetch", {"url": url}, allowed_hosts=["127.0.0.1"])
+    other_port = await call("http_fetch", {"url": url}, allowed_hosts=["127.0.0.1:8080", "*.example.com"])
+
+    assert bare == ToolResult(content=f"error: port {server.port} is not allowed for host '127.0.0.1' "
+                                      "(allowed ports: 80, 443)", is_error=True)
+    assert other_port == ToolResult(content=f"error: port {server.port} is not allowed for host '127.0.0.1' "
+                                            "(allowed ports: 8080)", is_error=True)
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("entry", ["example.com:http", "example.com:0", "example.com:70000", "[::1]x"])
+async def test_it_reports_allow_list_entries_with_bad_ports_as_misconfigured(server, entry):
+    result = await call("http_fetch", {"url": "https://example.com/"}, allowed_hosts=[entry])
+
+    assert result.is_error
+    assert result.content.startswith("error: skill misconfigured: allowed_hosts entry ")
+
+
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x", "javascript:alert(1)",
-                                 "http://user:secret@127.0.0.1/hello", "http:///hello", "not a url", ""])
-async def test_it_refuses_bad_urls_without_a_request(server, url):
-    result = await call("http_fetch", {"url": url.replace("127.0.0.1", server.base_url[7:])},
-                        allowed_hosts=["127.0.0.1"])
+                                 "http://user:secret@127.0.0.1/hello", "http:///hello", "not a url", "",
+                                 "http://0177.0.0.1/hello"])
+async def test_it_refuses_bad_urls_without_a_request(server, loopback_allowed, url):
+    result = await call("http_fetch", {"url": url.replace("127.0.0.1", server.entry)},
+                        allowed_hosts=[server.entry])
 
     assert result.is_error
     assert server.requests == []
 
 
-async def test_it_only_makes_get_requests(server):
+async def test_it_only_makes_get_requests(server, loopback_allowed):
     result = await call("http_fetch", {"url": f"{server.base_url}/hello", "method": "POST"},
-                        allowed_hosts=["127.0.0.1"])
+                        allowed_hosts=[server.entry])
 
     assert result == ToolResult(content="error: http_fetch only makes GET requests", is_error=True)
     assert server.requests == []
 
 
-async def test_it_truncates_large_bodies(server):
-    result = await call("http_fetch", {"url": f"{server.base_url}/big"}, allowed_hosts=["127.0.0.1"], max_bytes=1000)
+async def test_it_truncates_large_bodies(server, loopback_allowed):
+    result = await call("http_fetch", {"url": f"{server.base_url}/big"}, allowed_hosts=[server.entry], max_bytes=1000)
 
     head, body = result.content.split("\n\n", 1)
     assert head == "HTTP 200\ntext/plain; charset=utf-8"
     assert body == "x" * 1000 + "\n[truncated after 1000 bytes]"
 
 
-async def test_it_times_out_on_slow_hosts(server):
+async def test_it_times_out_on_slow_hosts(server, loopback_allowed):
     started = time.monotonic()
 
-    result = await call("http_fetch", {"url": f"{server.base_url}/slow"}, allowed_hosts=["127.0.0.1"],
+    result = await call("http_fetch", {"url": f"{server.base_url}/slow"}, allowed_hosts=[server.entry],
                         timeout_seconds=0.2)
 
     assert result == ToolResult(content="error: request timed out after 0.2 s", is_error=True)
     assert time.monotonic() - started < 0.9
 
 
-async def test_it_reports_redirects_without_following_them(server):
-    result = await call("http_fetch", {"url": f"{server.base_url}/redirect"}, allowed_hosts=["127.0.0.1"])
+async def test_it_reports_redirects_without_following_them(server, loopback_allowed):
+    result = await call("http_fetch", {"url": f"{server.base_url}/redirect"}, allowed_hosts=[server.entry])
 
     assert result.content.startswith("HTTP 302\n")
     assert "Location: http://elsewhere.invalid/secret" in result.content
     assert len(server.requests) == 1
 
 
+async def test_it_never_follows_a_redirect_into_a_private_address(server, internal_server, settings):
+    settings.HTTP_FETCH_ALLOW_PRIVATE_NETWORKS = networks("127.0.0.1/32")  # the allowed server only
+    target = f"{internal_server.base_url}/hello"
+    allowed = [server.entry, internal_server.entry]
+
+    bounced = await call("http_fetch", {"url": f"{server.base_url}/bounce?to={target}"}, allowed_hosts=allowed)
+    followed = await call("http_fetch", {"url": target}, allowed_hosts=allowed)
+
+    assert bounced.content.endswith(f"Redirect not followed. Location: {target}")
+    assert followed == ToolResult(content="error: 127.0.0.2 is not a public address (loopback); "
+                                          "only public addresses can be fetched", is_error=True)
+    assert internal_server.requests == []
+
+
 def test_it_matches_hosts_exactly_or_by_subdomain_wildcard():
     allowed = ["docs.example.com", "*.example.org", "Bücher.de"]
 
-    assert host_allowed("docs.example.com", allowed)
-    assert host_allowed("DOCS.example.com.", allowed)
-    assert not host_allowed("api.docs.example.com", allowed)
-    assert not host_allowed("example.com", allowed)
-    assert host_allowed("api.example.org", allowed)
-    assert host_allowed("a.b.example.org", allowed)
-    assert not host_allowed("example.org", allowed)
-    assert not host_allowed("badexample.org", allowed)
-    assert not host_allowed("example.org.evil.com", allowed)
-    assert host_allowed("xn--bcher-kva.de", allowed)
+    assert host_allowed("docs.example.com", 443, allowed)
+    assert host_allowed("DOCS.example.com.", 80, allowed)
+    assert not host_allowed("api.docs.example.com", 443, allowed)
+    assert not host_allowed("example.com", 443, allowed)
+    assert host_allowed("api.example.org", 443, allowed)
+    assert host_allowed("a.b.example.org", 443, allowed)
+    assert not host_allowed("example.org", 443, allowed)
+    assert not host_allowed("badexample.org", 443, allowed)
+    assert not host_allowed("example.org.evil.com", 443, allowed)
+    assert host_allowed("xn--bcher-kva.de", 443, allowed)
+
+
+def test_it_opens_80_and_443_unless_an_entry_names_its_port():
+    allowed = ["docs.example.com", "wiki.example.net:8080", "*.example.org:8443", "[::1]:9000", "2001:db8::1"]
+
+    assert host_allowed("docs.example.com", 80, allowed) and host_allowed("docs.example.com", 443, allowed)
+    assert not host_allowed("docs.example.com", 8080, allowed)
+    assert host_allowed("wiki.example.net", 8080, allowed)
+    assert not host_allowed("wiki.example.net", 443, allowed)
+    assert host_allowed("api.example.org", 8443, allowed) and not host_allowed("api.example.org", 443, allowed)
+    assert host_allowed("::1", 9000, allowed) and not host_allowed("::1", 80, allowed)
+    assert host_allowed("2001:db8::1", 443, allowed) and not host_allowed("2001:db8::1", 8080, allowed)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_it_tells_the_model_when_an_allowed_name_points_inside(server, make_key):
+    # The issue's attack: an allow-listed name that resolves to 127.0.0.1 fetched internal pages.
+    def agent_with_http_fetch():
+        agent = Agent.objects.create(name="web", model="local/demo")
+        skill = Skill.objects.create(name="http_fetch", kind=Skill.Kind.BUILTIN,
+                                     config={"allowed_hosts": ["localhost", f"localhost:{server.port}"]},
+                                     **builtin_skill_defaults("http_fetch"))
+        AgentSkill.objects.create(agent=agent, skill=skill)
+
+    await orm(agent_with_http_fetch)
+    key = await orm(make_key)
+
+    response = await Api(key).post("/api/v1/agents/web/chat",
+                                   {"message": f"fetch http://localhost:{server.port}/hello please"})
+
+    assert response.status_code == 200
+    [tool_call] = response.json()["tool_calls"]
+    assert tool_call["name"] == "http_fetch" and tool_call["is_error"] is True
+    assert tool_call["result"] == ("error: host 'localhost' resolves to 127.0.0.1, which is not a public address "
+                                   "(loopback); only public addresses can be fetched")
+    assert server.requests == []
 
 
 # --- kind "http" skills ----------------------------------------------------------------------
@@ -309,7 +584,7 @@ def http_spec(url: str, **config) -> SkillSpec:
                      config={"url": url, **config})
 
 
-async def test_it_posts_arguments_as_json_to_http_skills(server):
+async def test_it_posts_arguments_as_json_to_http_skills(server, loopback_allowed):
     spec = http_spec(f"{server.base_url}/echo", headers={"X-Token": "tok-1"})
 
     result = await skill_execute(skill=spec, arguments='{"city": "Lyon"}', context=CONTEXT)
@@ -323,27 +598,27 @@ async def test_it_posts_arguments_as_json_to_http_skills(server):
     assert request["headers"]["X-Request-Id"] == "req-123"
 
 
-async def test_it_reports_non_2xx_answers_of_http_skills(server):
+async def test_it_reports_non_2xx_answers_of_http_skills(server, loopback_allowed):
     result = await skill_execute(skill=http_spec(f"{server.base_url}/fail"), arguments={}, context=CONTEXT)
 
     assert result == ToolResult(content="error: the weather endpoint answered HTTP 503: weather service down",
                                 is_error=True)
 
 
-async def test_it_caps_http_skill_responses(server):
+async def test_it_caps_http_skill_responses(server, loopback_allowed):
     result = await skill_execute(skill=http_spec(f"{server.base_url}/big"), arguments={}, context=CONTEXT)
 
     assert result.content == "y" * 100_000 + "\n[truncated after 100000 bytes]"
 
 
-async def test_it_times_out_http_skills(server):
+async def test_it_times_out_http_skills(server, loopback_allowed):
     result = await skill_execute(skill=http_spec(f"{server.base_url}/slow", timeout_seconds=0.2),
                                  arguments={}, context=CONTEXT)
 
     assert result == ToolResult(content="error: the weather endpoint did not answer within 0.2 s", is_error=True)
 
 
-async def test_it_hides_the_endpoint_when_http_skills_are_unreachable(server):
+async def test_it_hides_the_endpoint_when_http_skills_are_unreachable(server, loopback_allowed):
     port = server.server_address[1]
     server.shutdown()
     server.server_close()
@@ -355,9 +630,18 @@ async def test_it_hides_the_endpoint_when_http_skills_are_unreachable(server):
                                 is_error=True)
 
 
+async def test_it_refuses_http_skill_endpoints_at_private_addresses(server):
+    result = await skill_execute(skill=http_spec(f"http://localhost:{server.port}/echo?token=s3cret"),
+                                 arguments={}, context=CONTEXT)
+
+    assert result == ToolResult(content="error: the weather endpoint is not at a public address (loopback); "
+                                        "HTTP_FETCH_ALLOW_PRIVATE_NETWORKS must list its network", is_error=True)
+    assert server.requests == []
+
+
 @pytest.mark.parametrize("config", [{"url": "file:///etc/passwd"}, {"url": ""}, {"url": "ftp://127.0.0.1/"},
                                     {"headers": {"X-Token": {"env": "TOKEN"}}}, {"timeout_seconds": "soon"}])
-async def test_it_reports_misconfigured_http_skills(server, config):
+async def test_it_reports_misconfigured_http_skills(server, loopback_allowed, config):
     spec = http_spec(f"{server.base_url}/echo")
     spec = SkillSpec(name=spec.name, description="", kind="http", config={**spec.config, **config})
 

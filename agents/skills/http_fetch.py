@@ -1,12 +1,18 @@
 """http_fetch: GET a web page from a host the skill's config allows.
 
-Config: {"allowed_hosts": ["docs.example.com", "*.example.org"], "timeout_seconds": 10,
-"max_bytes": 100000}. An empty or missing list allows nothing: an operator opts hosts in,
-since the model chooses the URL and could otherwise reach internal services.
+Config: {"allowed_hosts": ["docs.example.com", "*.example.org", "wiki.example.net:8080"],
+"timeout_seconds": 10, "max_bytes": 100000}. An empty or missing list allows nothing: an
+operator opts hosts in, since the model chooses the URL and could otherwise reach internal
+services. An entry without a port opens ports 80 and 443; "host:port" (or "[v6]:port")
+opens that port only.
 
 The URL is parsed by httpx, the same parser that makes the request, so the host we check
-is the host we connect to. Redirects are not followed (the Location is reported instead),
-so an allowed host cannot bounce the request to one that is not.
+is the host we connect to. Where it points is checked too: the request goes through
+agents/skills/outbound.py, which resolves the name once, refuses it when any address is not
+public (loopback, private, link-local, metadata...; unless HTTP_FETCH_ALLOW_PRIVATE_NETWORKS
+exempts it) and connects to the address it checked. Redirects are not followed (the Location
+is reported instead), so an allowed host cannot bounce the request to one that is not: the
+model may fetch the Location, which is then checked like any URL.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import math
 import httpx
 
 from agents.skills.base import SkillContext, SkillError
+from agents.skills.outbound import DEFAULT_PORTS, outbound_stream
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
 MAX_TIMEOUT_SECONDS = 30.0
@@ -93,26 +100,52 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def host_allowed(host: str, allowed_hosts: list[str]) -> bool:
-    """Exact host match, or "*.example.com" for any subdomain of example.com (not example.com itself).
+def _entry(entry: str) -> tuple[str, int | None]:
+    """An allowed_hosts entry as (host, port or None): "h", "h:8080", "[::1]", "[::1]:8080", "::1"."""
+    host, port = entry, None
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise SkillError(f"skill misconfigured: allowed_hosts entry {entry!r} is not host or host:port")
+            port = rest[1:]
+    elif entry.count(":") == 1:  # more than one: a bare IPv6 address
+        host, port = entry.split(":")
+    if port is None:
+        return host, None
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise SkillError(f"skill misconfigured: allowed_hosts entry {entry!r} has an invalid port")
+    return host, int(port)
 
-    Wildcards never match IP addresses: "*.0.0.1" must not open 127.0.0.1.
+
+def allowed_ports(host: str, allowed_hosts: list[str]) -> set[int]:
+    """The ports the allow-list opens on host (empty: the host is not on it).
+
+    An entry matches by exact host, or "*.example.com" for any subdomain of example.com (not
+    example.com itself); wildcards never match IP addresses ("*.0.0.1" must not open
+    127.0.0.1). It opens its own port, or 80 and 443 when it names none.
     """
     host = _normalize_host(host)
+    ports: set[int] = set()
     if not host:
-        return False
+        return ports
     wildcard_ok = not _is_ip(host)
     for entry in allowed_hosts:
         if not isinstance(entry, str) or not entry.strip():
             continue
-        entry = entry.strip()
-        if entry.startswith("*."):
-            suffix = _normalize_host(entry[2:])
-            if wildcard_ok and suffix and host.endswith("." + suffix):
-                return True
-        elif host == _normalize_host(entry):
-            return True
-    return False
+        pattern, port = _entry(entry.strip())
+        if pattern.startswith("*."):
+            suffix = _normalize_host(pattern[2:])
+            matched = wildcard_ok and bool(suffix) and host.endswith("." + suffix)
+        else:
+            matched = host == _normalize_host(pattern)
+        if matched:
+            ports |= {port} if port else {80, 443}
+    return ports
+
+
+def host_allowed(host: str, port: int, allowed_hosts: list[str]) -> bool:
+    return port in allowed_ports(host, allowed_hosts)
 
 
 def checked_url(raw: object, allowed_hosts: list[str]) -> httpx.URL:
@@ -131,8 +164,13 @@ def checked_url(raw: object, allowed_hosts: list[str]) -> httpx.URL:
     host = url.raw_host.decode("ascii", errors="replace")
     if not host:
         raise SkillError("url has no host")
-    if not host_allowed(host, allowed_hosts):
+    ports = allowed_ports(host, allowed_hosts)
+    if not ports:
         raise SkillError(f"host {host!r} is not in this skill's allowed hosts")
+    port = url.port or DEFAULT_PORTS[url.scheme]
+    if port not in ports:
+        raise SkillError(f"port {port} is not allowed for host {host!r} "
+                         f"(allowed ports: {', '.join(map(str, sorted(ports)))})")
     return url
 
 
@@ -142,7 +180,7 @@ class HttpFetch:
     name = "http_fetch"
     description = (
         "Fetch a web page or API response with an HTTP GET and return its status, content type and text. "
-        "Only hosts the operator allowed can be fetched; redirects are reported, not followed."
+        "Only hosts the operator allowed, at public addresses, can be fetched; redirects are reported, not followed."
     )
     parameters = {
         "type": "object",
@@ -169,15 +207,14 @@ class HttpFetch:
             # httpx's timeout applies per operation; the outer one bounds the whole exchange,
             # so a server dripping one byte at a time cannot hold the run.
             async with asyncio.timeout(timeout):
-                async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, headers=headers) as client:
-                    async with client.stream("GET", url) as response:
-                        content_type = response.headers.get("content-type", "")
-                        if response.is_redirect:
-                            location = response.headers.get("location", "")
-                            target = str(url.join(location)) if location else "(no Location header)"
-                            return (f"HTTP {response.status_code}\n{content_type}\n\n"
-                                    f"Redirect not followed. Location: {target}")
-                        body, truncated = await read_capped(response, max_bytes)
+                async with outbound_stream("GET", url, timeout=timeout, headers=headers) as response:
+                    content_type = response.headers.get("content-type", "")
+                    if response.is_redirect:
+                        location = response.headers.get("location", "")
+                        target = str(url.join(location)) if location else "(no Location header)"
+                        return (f"HTTP {response.status_code}\n{content_type}\n\n"
+                                f"Redirect not followed. Location: {target}")
+                    body, truncated = await read_capped(response, max_bytes)
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise SkillError(f"request timed out after {timeout:g} s") from exc
         except httpx.HTTPError as exc:

@@ -8,6 +8,11 @@ Headers are literal strings only. Reading a secret from an environment variable 
 the config would mean reading os.environ outside settings.py, which nothing may do; a
 header secret therefore lives in the Skill row (admin-only) until settings grow a place
 for skill secrets. Error messages never echo the URL or headers, since either may hold one.
+
+The endpoint is reached through agents/skills/outbound.py, as http_fetch's pages are: a name
+that resolves to a loopback, private, link-local or other non-public address is refused
+unless HTTP_FETCH_ALLOW_PRIVATE_NETWORKS lists its network (an internal tool server's), and
+the connection goes to the address that was checked.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import httpx
 
 from agents.skills.base import SkillContext, SkillError, SkillSpec
 from agents.skills.http_fetch import config_timeout, decode_body, read_capped
+from agents.skills.outbound import AddressRefused, HostUnresolved, outbound_stream
 
 MAX_RESPONSE_BYTES = 100_000
 ERROR_BODY_CHARS = 500
@@ -65,10 +71,16 @@ async def http_skill_run(*, skill: SkillSpec, arguments: dict, context: SkillCon
     headers["Content-Type"] = "application/json"
     try:
         async with asyncio.timeout(timeout):
-            # No redirects: a 3xx would re-send the configured headers wherever it points.
-            async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
-                async with client.stream("POST", url, content=payload.encode(), headers=headers) as response:
-                    body, truncated = await read_capped(response, MAX_RESPONSE_BYTES)
+            # No redirects (outbound_stream never follows one): a 3xx would re-send the
+            # configured headers wherever it points.
+            async with outbound_stream("POST", url, timeout=timeout, headers=headers,
+                                       content=payload.encode()) as response:
+                body, truncated = await read_capped(response, MAX_RESPONSE_BYTES)
+    except AddressRefused as exc:
+        raise SkillError(f"the {skill.name} endpoint is not at a public address ({exc.kind}); "
+                         "HTTP_FETCH_ALLOW_PRIVATE_NETWORKS must list its network") from exc
+    except HostUnresolved as exc:
+        raise SkillError(f"the {skill.name} endpoint's host could not be resolved") from exc
     except (TimeoutError, httpx.TimeoutException) as exc:
         raise SkillError(f"the {skill.name} endpoint did not answer within {timeout:g} s") from exc
     except httpx.HTTPError as exc:
