@@ -3,7 +3,8 @@
     POST  /api/v1/admin/api-keys                  create → 201, the secret in `key` (this once)
     GET   /api/v1/admin/api-keys                  list (?role=&enabled=&status=&limit=&offset=)
     GET   /api/v1/admin/api-keys/{prefix}         one key
-    PATCH /api/v1/admin/api-keys/{prefix}         name, role, agents, allowed_skills, limits, expires_at, enabled
+    PATCH /api/v1/admin/api-keys/{prefix}         name, role, all_agents, agents, all_skills, allowed_skills,
+                                                  limits, expires_at, enabled
     POST  /api/v1/admin/api-keys/{prefix}/rotate  {grace_seconds?} → the new secret in `key` (this once)
     POST  /api/v1/admin/api-keys/{prefix}/revoke  → the key's state; every secret of it stops working
 
@@ -107,10 +108,10 @@ class ApiKeyListView(_AdminKeyView):
     def post(self, request: Request) -> Response:
         data = self.body(ApiKeyCreateSerializer, request)
         api_key, secret = api_key_create(
-            name=data["name"], role=data["role"], agent_names=data.get("agents"),
-            allowed_skills=data.get("allowed_skills"), rate_limit_rpm=data.get("rate_limit_rpm"),
-            rate_limit_tpm=data.get("rate_limit_tpm"), expires_at=data.get("expires_at"),
-            **self.audit_context())
+            name=data["name"], role=data["role"], agent_names=data.get("agents"), all_agents=data.get("all_agents"),
+            allowed_skills=data.get("allowed_skills"), all_skills=data.get("all_skills"),
+            rate_limit_rpm=data.get("rate_limit_rpm"), rate_limit_tpm=data.get("rate_limit_tpm"),
+            expires_at=data.get("expires_at"), **self.audit_context())
         return Response(_with_secret(self.get_key(api_key.prefix), secret), status=status.HTTP_201_CREATED)
 
 

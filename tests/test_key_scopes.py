@@ -1,18 +1,34 @@
-"""Scopes that never widen: cached key entries follow every change of their links."""
+"""Scopes that never widen: "all agents" and "all skills" are explicit states of a key, a key
+whose agents are deleted may call none, and cached key entries follow every change of their links."""
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
+from django.core.management import call_command
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
 from django.urls import reverse
 from rest_framework.test import APIClient
 
 from agents.models import Agent
+from billing.budgets import budget_create
 from conftest import Api, assert_error, orm
+from governance.models import ApiKey, AuditLog
+from governance.selectors import principal_for_key
+
+KEYS = "/api/v1/admin/api-keys"
+
 
 def api(secret: str) -> APIClient:
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
     return client
+
+
+def key_of(secret: str) -> ApiKey:
+    return ApiKey.objects.get(prefix=secret.split("_")[1])
 
 
 def agent_names(secret: str) -> list[str]:
@@ -30,7 +46,30 @@ def delete_in_the_admin(admin_client, *agents: Agent) -> None:
     assert not Agent.objects.filter(pk__in=[a.pk for a in agents]).exists()
 
 
-# --- cached key entries follow their links -----------------------------------------------------
+# --- a key whose agents are gone may call none ------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_it_gives_a_key_no_agent_once_the_admin_deleted_its_agents(make_agent, make_key, admin_client):
+    demo = await orm(make_agent, name="demo")
+    await orm(make_agent, name="other")
+    limited = await orm(make_key, agents=["demo"])
+    admin_key = await orm(make_key, role="admin")
+
+    await orm(delete_in_the_admin, admin_client, demo)
+
+    client = Api(limited)
+    listed = await client.get("/api/v1/agents")
+    assert listed.status_code == 200
+    assert listed.json()["results"] == []
+    assert (await client.get("/v1/models")).json()["data"] == []
+    assert_error(await client.get("/api/v1/agents/other"), 404, "agent_not_found")
+    assert_error(await client.post("/api/v1/agents/other/chat", {"message": "hi"}), 404, "agent_not_found")
+    assert_error(await client.post("/v1/chat/completions",
+                                   {"model": "other", "messages": [{"role": "user", "content": "hi"}]}), 404)
+    shown = (await Api(admin_key).get(f"{KEYS}/{limited.split('_')[1]}")).json()
+    assert (shown["all_agents"], shown["agents"]) == (False, [])
+    assert await orm(lambda: key_of(limited).all_agents) is False
 
 
 @pytest.mark.django_db(transaction=True)
@@ -67,3 +106,167 @@ def test_it_forgets_a_cached_key_however_its_links_go(make_agent, make_key, unli
 
     assert agent_names(limited) == ["other"]
     assert api(limited).get("/api/v1/agents/demo").status_code == 404
+
+
+@pytest.mark.django_db
+def test_it_shows_a_key_no_budget_of_agents_it_may_not_call(make_agent, make_key, admin_client):
+    demo = make_agent(name="demo")
+    make_agent(name="other")
+    budget_create(scope="agent", agent_name="other", period="month", limit_usd=Decimal("5"))
+    everyone, limited = make_key(), make_key(agents=["demo"])
+
+    delete_in_the_admin(admin_client, demo)
+
+    assert [b["agent"] for b in api(everyone).get("/api/v1/budgets").json()["budgets"]] == ["other"]
+    assert api(limited).get("/api/v1/budgets").json()["budgets"] == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_applies_an_admin_edit_of_a_key_on_the_very_next_request(make_agent, make_key, admin_client):
+    make_agent(name="demo")
+    other = make_agent(name="other")
+    limited = make_key(agents=["demo"])
+    key = key_of(limited)
+    assert api(limited).get("/api/v1/agents/other").status_code == 404  # cached now
+    url = reverse("admin:governance_apikey_change", args=[key.pk])
+    form = {"name": key.name, "role": "client", "enabled": "on", "all_skills": "on", "allowed_skills": "[]",
+            "rate_limit_rpm": "", "rate_limit_tpm": ""}
+
+    assert admin_client.post(url, {**form, "all_agents": "on", "agents": []}).status_code == 302
+    assert agent_names(limited) == ["demo", "other"]
+
+    assert admin_client.post(url, {**form, "agents": [other.pk]}).status_code == 302
+    assert agent_names(limited) == ["other"]
+    assert api(limited).get("/api/v1/agents/demo").status_code == 404
+
+    assert admin_client.post(url, {**form, "agents": []}).status_code == 302
+    assert agent_names(limited) == []
+
+
+@pytest.mark.django_db
+def test_it_refuses_all_agents_with_a_list_in_the_admin(make_agent, make_key, admin_client):
+    demo = make_agent(name="demo")
+    key = key_of(make_key(agents=["demo"]))
+    url = reverse("admin:governance_apikey_change", args=[key.pk])
+
+    page = admin_client.post(url, {"name": key.name, "role": "client", "enabled": "on", "all_agents": "on",
+                                   "agents": [demo.pk], "allowed_skills": "[]"})
+
+    assert page.status_code == 200
+    assert "agents" in page.context["adminform"].form.errors
+    assert ApiKey.objects.get(pk=key.pk).all_agents is False
+
+
+@pytest.mark.django_db
+def test_it_creates_keys_for_all_agents_by_default_in_the_admin(admin_client):
+    page = admin_client.get(reverse("admin:governance_apikey_add"))
+
+    form = page.context["adminform"].form
+    assert form["all_agents"].initial is True and form["all_skills"].initial is True
+
+
+# --- the API says "all" or a list -------------------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("body, scope", [
+    pytest.param({}, (True, [], True, []), id="neither-is-all"),
+    pytest.param({"all_agents": True, "all_skills": True}, (True, [], True, []), id="all"),
+    pytest.param({"agents": ["demo"], "allowed_skills": ["calculator"]}, (False, ["demo"], False, ["calculator"]),
+                 id="lists"),
+    pytest.param({"agents": [], "allowed_skills": []}, (False, [], False, []), id="empty-lists-are-none"),
+    pytest.param({"all_agents": False, "all_skills": False}, (False, [], False, []), id="not-all-is-none"),
+])
+def test_it_creates_keys_with_an_explicit_scope(make_agent, make_key, body, scope):
+    make_agent(name="demo", skills=["calculator"])
+    admin = make_key("admin")
+
+    response = api(admin).post(KEYS, {"name": "k", "role": "client", **body}, format="json")
+
+    assert response.status_code == 201, response.content
+    shown = response.json()
+    assert (shown["all_agents"], shown["agents"], shown["all_skills"], shown["allowed_skills"]) == scope
+    principal = principal_for_key(shown["key"])
+    assert principal.agents == (None if scope[0] else frozenset(scope[1]))
+    assert principal.skills == (None if scope[2] else frozenset(scope[3]))
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("body, param", [
+    pytest.param({"all_agents": True, "agents": ["demo"]}, "agents", id="all-and-agents"),
+    pytest.param({"all_skills": True, "allowed_skills": ["calculator"]}, "allowed_skills", id="all-and-skills"),
+    pytest.param({"all_agents": "yes please"}, "all_agents", id="not-a-bool"),
+])
+def test_it_refuses_all_with_a_list(make_agent, make_key, body, param):
+    make_agent(name="demo", skills=["calculator"])
+    admin = make_key("admin")
+    target = key_of(make_key(agents=["demo"]))
+
+    assert_error(api(admin).post(KEYS, {"name": "k", "role": "client", **body}, format="json"), 400, param=param)
+    assert_error(api(admin).patch(f"{KEYS}/{target.prefix}", body, format="json"), 400, param=param)
+    assert ApiKey.objects.count() == 2
+    target.refresh_from_db()
+    assert (target.all_agents, target.all_skills) == (False, True)
+    assert list(target.agents.values_list("name", flat=True)) == ["demo"]
+
+
+@pytest.mark.django_db
+def test_it_offers_a_key_with_no_skills_none(make_agent, make_key):
+    """allowed_skills [] with all_skills false is none, as agents are: such a key may not give
+    an agent any skill."""
+    make_agent(name="demo", skills=["calculator"])
+    admin = make_key("admin")
+    developer = make_key("developer")
+    prefix = key_of(developer).prefix
+    agent = {"name": "new", "model": "local/demo", "skills": ["calculator"]}
+
+    body = api(admin).patch(f"{KEYS}/{prefix}", {"allowed_skills": []}, format="json").json()
+    assert (body["all_skills"], body["allowed_skills"]) == (False, [])
+    assert_error(api(developer).post("/api/v1/agents", agent, format="json"), 403, "skill_not_allowed")
+
+    body = api(admin).patch(f"{KEYS}/{prefix}", {"all_skills": True}, format="json").json()
+    assert (body["all_skills"], body["allowed_skills"]) == (True, [])
+    assert api(developer).post("/api/v1/agents", agent, format="json").status_code == 201
+
+
+@pytest.mark.django_db
+def test_it_audits_the_scope(make_agent, make_key):
+    make_agent(name="demo")
+    admin = make_key("admin")
+    prefix = key_of(make_key()).prefix
+
+    api(admin).patch(f"{KEYS}/{prefix}", {"agents": ["demo"]}, format="json")
+
+    entry = AuditLog.objects.filter(action="api_key.updated").latest("id")
+    assert entry.details["changed"]["all_agents"] == {"from": True, "to": False}
+    assert entry.details["changed"]["agents"] == {"from": [], "to": ["demo"]}
+
+
+# --- the data migration ---------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_maps_existing_keys_to_explicit_scopes(make_agent):
+    make_agent(name="demo")
+    executor = MigrationExecutor(connection)
+    before, after = [("governance", "0004_apikey_all_agents_all_skills")], [("governance",
+                                                                               "0005_apikey_scopes_from_links")]
+    try:
+        executor.migrate(before)
+        old = executor.loader.project_state(before).apps
+        OldKey = old.get_model("governance", "ApiKey")
+        OldKey.objects.create(name="all", prefix="p1", secret_hash="x", allowed_skills=[])
+        limited = OldKey.objects.create(name="limited", prefix="p2", secret_hash="x", allowed_skills=["calculator"])
+        limited.agents.add(old.get_model("agents", "Agent").objects.get(name="demo"))
+
+        MigrationExecutor(connection).migrate(after)
+
+        assert dict(ApiKey.objects.values_list("prefix", "all_agents")) == {"p1": True, "p2": False}
+        assert dict(ApiKey.objects.values_list("prefix", "all_skills")) == {"p1": True, "p2": False}
+
+        # Back again would read a key restricted to nothing as a key for everything: refused.
+        ApiKey.objects.get(prefix="p2").agents.clear()
+        with pytest.raises(RuntimeError, match="p2"):
+            MigrationExecutor(connection).migrate(before)
+    finally:
+        call_command("migrate", verbosity=0)
