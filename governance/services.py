@@ -18,6 +18,11 @@ for all skills (`all_skills`) or for those named in `allowed_skills`. An empty l
 restricted key means none, never all: deleting a key's last agent cannot widen it. In the
 services' arguments a list alone restricts the key to it; `all_agents=True` (`all_skills=True`)
 opens it to all and clears the list; giving neither keeps the scope (on create: all).
+
+The admin REST API may not take away the last active admin key (`protect_last_admin`): a key
+that demoted, disabled, revoked or expired itself would leave no key that can manage keys.
+Staff in the Django admin and `manage.py create_api_key --role admin` can always make a new one,
+so those doors are not guarded.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from django.utils import timezone
 
 from agentplatform.errors import Conflict, InvalidRequest
 
+from .keys import api_key_status
 from .models import ApiKey
 
 KEY_PREFIX = "ap_"
@@ -41,6 +47,10 @@ MAX_GRACE_SECONDS = 30 * 24 * 3600
 # What api_key_update may change; the secret, prefix and state timestamps have their own services.
 UPDATABLE_FIELDS = frozenset({"name", "role", "all_agents", "agents", "all_skills", "allowed_skills",
                               "rate_limit_rpm", "rate_limit_tpm", "expires_at", "enabled"})
+LAST_ADMIN_KEY_MESSAGE = (
+    "This is the last active admin key: it cannot be demoted, disabled, revoked or expired, or no key could "
+    "manage keys any more. Create another admin key first (POST /api/v1/admin/api-keys, or on the server "
+    "`manage.py create_api_key --name NAME --role admin`), then change this one with it.")
 
 
 def hash_secret(key: str) -> str:
@@ -153,6 +163,33 @@ def _skills_named(names: list[str] | None) -> list[str]:
     return sorted(set(names))
 
 
+def _is_active_admin(key: ApiKey) -> bool:
+    return key.role == ApiKey.Role.ADMIN and api_key_status(key) == "active"
+
+
+def _lock(api_key: ApiKey, *, protect_last_admin: bool) -> tuple[ApiKey, bool]:
+    """The key's row, locked, and whether another active admin key exists (True when not protecting).
+
+    Lock order, the one every audited transaction keeps (governance.audit.audit_chain_lock): the
+    audit chain's lock first, then rows. Every change of a key appends an audit entry and so holds
+    the chain lock to its commit anyway; taking it first serializes changes of keys, so two
+    requests that each take away an admin key (their own, or each other's) run one after the
+    other and the second reads what the first committed. The rows are then locked FOR NO KEY
+    UPDATE: runs, sessions and idempotency records that reference a key share its row (FOR KEY
+    SHARE, before the run's transaction takes the chain lock), which must not wait for us nor we
+    for them; the last_used_at stamps, which we must wait for, come after the chain lock.
+    """
+    from .audit import audit_chain_lock
+
+    audit_chain_lock()
+    keys = ApiKey.objects.select_for_update(no_key=True)
+    another_admin = True
+    if protect_last_admin:
+        admins = keys.filter(role=ApiKey.Role.ADMIN).order_by("pk")
+        another_admin = any(key.pk != api_key.pk and api_key_status(key) == "active" for key in admins)
+    return keys.get(pk=api_key.pk), another_admin
+
+
 @transaction.atomic
 def api_key_create(
     *,
@@ -221,7 +258,7 @@ def api_key_rotate(
         raise InvalidRequest(f"grace_seconds must be an integer from 0 to {MAX_GRACE_SECONDS}.",
                              param="grace_seconds")
     # Locked: two concurrent rotations must not both demote the same secret.
-    locked = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    locked, _ = _lock(api_key, protect_last_admin=False)
     if locked.revoked_at is not None:
         raise Conflict("A revoked key cannot be rotated.", code="api_key_revoked")
     now = timezone.now()
@@ -253,11 +290,15 @@ def api_key_revoke(
     actor: str = "system",
     request_id: str = "",
     client_ip: str | None = None,
+    protect_last_admin: bool = False,
 ) -> ApiKey:
     """Revoke a key: every secret of it (current and previous) stops working on every worker from
-    its next request (the save drops the shared cache entry). Revoking a revoked key changes nothing."""
-    locked = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    its next request (the save drops the shared cache entry). Revoking a revoked key changes nothing.
+    With protect_last_admin, the last active admin key is refused (409 last_admin_key)."""
+    locked, another_admin = _lock(api_key, protect_last_admin=protect_last_admin)
     if locked.revoked_at is None:
+        if _is_active_admin(locked) and not another_admin:
+            raise Conflict(LAST_ADMIN_KEY_MESSAGE, code="last_admin_key")
         locked.revoked_at = timezone.now()
         # The cached entry refuses a revoked key whatever secret it shows; dropping the previous
         # secret as well leaves nothing that could authenticate, should the key ever be re-enabled.
@@ -278,14 +319,17 @@ def api_key_update(
     actor: str,
     request_id: str = "",
     client_ip: str | None = None,
+    protect_last_admin: bool = False,
 ) -> ApiKey:
     """Change a key's name, role, scopes (all_agents, agents as names, all_skills, allowed_skills:
     see the module docstring), rate limits, expires_at or enabled. Unknown fields are refused;
-    unchanged values are not audited."""
+    unchanged values are not audited. With protect_last_admin, a change that would leave no active
+    admin key (demoting, disabling or expiring the last one) is refused (409 last_admin_key)."""
     unknown = sorted(set(fields) - UPDATABLE_FIELDS)
     if unknown:
         raise InvalidRequest(f"Unknown or read-only field: {unknown[0]}.", param=unknown[0])
-    locked = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    locked, another_admin = _lock(api_key, protect_last_admin=protect_last_admin)
+    was_active_admin = _is_active_admin(locked)
     changed: dict[str, Any] = {}
     columns: list[str] = []
     all_agents = _scope_is_all(everything=fields.get("all_agents"), names=fields.get("agents"),
@@ -316,6 +360,8 @@ def api_key_update(
             changed[field] = {"from": _shown(before), "to": _shown(value)}
     # Validated before anything is written; a key for all agents keeps no links.
     agents = [] if all_agents else _agents_named(fields["agents"]) if "agents" in fields else None
+    if was_active_admin and not _is_active_admin(locked) and not another_admin:
+        raise Conflict(LAST_ADMIN_KEY_MESSAGE, code="last_admin_key")
     if columns:
         locked.save(update_fields=columns)
     if agents is not None:

@@ -10,6 +10,10 @@
 
 Plain sync DRF views: this is not the chat path. Each validates at the edge and calls one
 service, which writes the change and its audit entry (actor "key:<prefix>") together.
+
+PATCH and revoke refuse to take away the last active admin key (409 last_admin_key): a key
+could otherwise lock every key out of this API. `manage.py create_api_key --role admin` is the
+way back in for whoever runs the server.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ ERRORS = {
     403: OpenApiResponse(description="The key is not an admin key."),
     404: OpenApiResponse(description="No key with this prefix."),
 }
+LAST_ADMIN = OpenApiResponse(description="`last_admin_key`: the change would leave no active admin key.")
 
 
 def _keys():
@@ -120,11 +125,11 @@ class ApiKeyDetailView(_AdminKeyView):
     def get(self, request: Request, prefix: str) -> Response:
         return Response(ApiKeySerializer(self.get_key(prefix)).data)
 
-    @extend_schema(request=ApiKeyUpdateSerializer, responses={200: ApiKeySerializer, **ERRORS})
+    @extend_schema(request=ApiKeyUpdateSerializer, responses={200: ApiKeySerializer, **ERRORS, 409: LAST_ADMIN})
     def patch(self, request: Request, prefix: str) -> Response:
         api_key = self.get_key(prefix)
         data = self.body(ApiKeyUpdateSerializer, request, partial=True)
-        api_key_update(api_key=api_key, fields=data, **self.audit_context())
+        api_key_update(api_key=api_key, fields=data, protect_last_admin=True, **self.audit_context())
         return Response(ApiKeySerializer(self.get_key(prefix)).data)
 
 
@@ -145,12 +150,12 @@ class ApiKeyRotateView(_AdminKeyView):
 
 
 class ApiKeyRevokeView(_AdminKeyView):
-    @extend_schema(request=None, responses={200: ApiKeySerializer, **ERRORS},
+    @extend_schema(request=None, responses={200: ApiKeySerializer, **ERRORS, 409: LAST_ADMIN},
                    description="Every secret of the key (current and previous) stops working on every worker "
                                "within a moment. Revoking a revoked key is a no-op that answers the same.")
     def post(self, request: Request, prefix: str) -> Response:
         api_key = self.get_key(prefix)
         self.body(ApiKeyRevokeSerializer, request)
-        api_key_revoke(api_key=api_key, **self.audit_context())
+        api_key_revoke(api_key=api_key, protect_last_admin=True, **self.audit_context())
         return Response(ApiKeySerializer(self.get_key(prefix)).data)
 

@@ -1,15 +1,21 @@
 """Scopes that never widen: "all agents" and "all skills" are explicit states of a key, a key
-whose agents are deleted may call none, and cached key entries follow every change of their links."""
+whose agents are deleted may call none, cached key entries follow every change of their links,
+and the admin API keeps at least one active admin key."""
 
 from __future__ import annotations
 
+import io
+import threading
+import time
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
 from django.core.management import call_command
-from django.db import connection
+from django.db import connection, connections, transaction
 from django.db.migrations.executor import MigrationExecutor
 from django.urls import reverse
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from agents.models import Agent
@@ -17,6 +23,7 @@ from billing.budgets import budget_create
 from conftest import Api, assert_error, orm
 from governance.models import ApiKey, AuditLog
 from governance.selectors import principal_for_key
+from governance.services import api_key_revoke
 
 KEYS = "/api/v1/admin/api-keys"
 
@@ -270,3 +277,139 @@ def test_it_maps_existing_keys_to_explicit_scopes(make_agent):
             MigrationExecutor(connection).migrate(before)
     finally:
         call_command("migrate", verbosity=0)
+
+
+# --- the last active admin key --------------------------------------------------------------
+
+TAKE_AWAY = [
+    pytest.param("patch", {"role": "developer"}, id="demote"),
+    pytest.param("patch", {"enabled": False}, id="disable"),
+    pytest.param("patch", {"expires_at": "2000-01-01T00:00:00Z"}, id="expire"),
+    pytest.param("revoke", None, id="revoke"),
+]
+
+
+def take_away(secret: str, prefix: str, how: str, body: dict | None):
+    if how == "revoke":
+        return api(secret).post(f"{KEYS}/{prefix}/revoke", {}, format="json")
+    return api(secret).patch(f"{KEYS}/{prefix}", body, format="json")
+
+
+def still_admin(secret: str) -> bool:
+    return api(secret).get(KEYS).status_code == 200
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("how, body", TAKE_AWAY)
+def test_it_keeps_the_last_active_admin_key(make_key, how, body):
+    admin = make_key("admin")
+    before = ApiKey.objects.values().get(pk=key_of(admin).pk)
+
+    error = assert_error(take_away(admin, key_of(admin).prefix, how, body), 409, "last_admin_key")
+
+    assert "manage.py create_api_key" in error["message"]
+    after = ApiKey.objects.values().get(pk=key_of(admin).pk)
+    assert {k: v for k, v in after.items() if k != "last_used_at"} == {
+        k: v for k, v in before.items() if k != "last_used_at"}
+    assert not AuditLog.objects.filter(action__in=["api_key.updated", "api_key.revoked"]).exists()
+    assert still_admin(admin)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("how, body", TAKE_AWAY)
+def test_it_lets_an_admin_key_go_while_another_is_active(make_key, how, body):
+    admin = make_key("admin")
+    other = make_key("admin")
+
+    response = take_away(admin, key_of(admin).prefix, how, body)
+
+    assert response.status_code == 200, response.content
+    assert not still_admin(admin)
+    assert still_admin(other)
+    # Now `other` is the last one.
+    assert_error(take_away(other, key_of(other).prefix, how, body), 409, "last_admin_key")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("state", ["disabled", "expired", "revoked", "developer"])
+def test_it_counts_only_active_admin_keys(make_key, state):
+    admin = make_key("admin")
+    other = key_of(make_key("admin"))
+    match state:
+        case "disabled":
+            other.enabled = False
+        case "expired":
+            other.expires_at = timezone.now() - timedelta(seconds=1)
+        case "revoked":
+            other.revoked_at = timezone.now()
+        case "developer":
+            other.role = ApiKey.Role.DEVELOPER
+    other.save()
+
+    assert_error(take_away(admin, key_of(admin).prefix, "revoke", None), 409, "last_admin_key")
+
+
+@pytest.mark.django_db
+def test_it_still_changes_the_last_admin_key_in_ways_that_keep_it(make_key):
+    admin = make_key("admin")
+    prefix = key_of(admin).prefix
+    later = (timezone.now() + timedelta(days=30)).isoformat()
+
+    response = api(admin).patch(f"{KEYS}/{prefix}", {"name": "ops", "expires_at": later, "rate_limit_rpm": 100},
+                                format="json")
+
+    assert response.status_code == 200, response.content
+    assert response.json()["status"] == "active"
+    assert api(admin).post(f"{KEYS}/{prefix}/rotate", {"grace_seconds": 0}, format="json").status_code == 200
+
+
+@pytest.mark.django_db
+def test_it_leaves_staff_and_create_api_key_as_the_way_back_in(make_key, admin_client):
+    admin = make_key("admin")
+
+    admin_client.post(reverse("admin:governance_apikey_changelist"),
+                      {"action": "revoke_selected", "_selected_action": [key_of(admin).pk]})
+    assert key_of(admin).revoked_at is not None
+
+    out = io.StringIO()
+    call_command("create_api_key", "--name", "again", "--role", "admin", stdout=out)
+    secret = out.getvalue().splitlines()[1]
+    assert still_admin(secret)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_lets_only_one_of_two_admin_keys_go_at_once(make_key):
+    """Two requests that each revoke an admin key, with two admin keys: the second waits for the
+    first's locks, then sees what it committed and refuses (on SQLite, IMMEDIATE transactions
+    serialize writers)."""
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks: PostgreSQL (the production lane)")
+    first, second = make_key("admin"), make_key("admin")
+    result: dict = {}
+
+    def second_revokes_itself() -> None:
+        try:
+            result["response"] = take_away(second, key_of(second).prefix, "revoke", None)
+        finally:
+            connections.close_all()
+
+    with transaction.atomic():
+        # The first key's own revocation, in flight: its transaction holds its locks to the commit.
+        api_key_revoke(api_key=key_of(first), protect_last_admin=True, actor="key:first")
+        thread = threading.Thread(target=second_revokes_itself)
+        thread.start()
+        deadline = time.monotonic() + 10
+        with connection.cursor() as cursor:
+            while thread.is_alive() and time.monotonic() < deadline:
+                cursor.execute("SELECT pg_stat_clear_snapshot()")
+                cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                               "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")
+                if cursor.fetchone()[0]:
+                    break
+                time.sleep(0.02)
+    thread.join(10)
+
+    assert_error(result["response"], 409, "last_admin_key")
+    assert key_of(first).revoked_at is not None
+    assert key_of(second).revoked_at is None
+    assert still_admin(second)

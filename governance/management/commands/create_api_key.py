@@ -1,4 +1,8 @@
-"""`manage.py create_api_key --name NAME --role ROLE [--agents a,b | --all-agents] [--expires-in-days N] [--json]`."""
+"""`manage.py create_api_key --name NAME --role ROLE [--agents a,b | --all-agents] [--expires-in-days N] [--json]`.
+
+Also the way back in when no admin key is left: the admin REST API refuses to take away the
+last active one, but a key can still be revoked in the Django admin or expire.
+"""
 
 from __future__ import annotations
 
