@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from django.core.cache import cache
 from django.db import transaction
-from django.db.models.signals import m2m_changed, post_delete, post_save, pre_save
+from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete, pre_save
 from django.dispatch import receiver
 
 from .models import Agent, AgentSkill, Skill
@@ -45,6 +45,14 @@ def _forget_saved_agent(sender, instance: Agent, **kwargs) -> None:
     _forget_agents([instance.name, previous])
     if previous and previous != instance.name:
         _forget_keys_of(instance)
+
+
+@receiver(pre_delete, sender=Agent)
+def _forget_keys_of_deleted_agent(sender, instance: Agent, **kwargs) -> None:
+    # The cascade removes the agent's links to keys without m2m_changed (and Django sends no
+    # delete signals for the auto-created link model), so read the keys while the links exist.
+    # Sent for every agent of a queryset delete too (the admin's "delete selected").
+    _forget_keys_of(instance)
 
 
 @receiver(post_delete, sender=Agent)

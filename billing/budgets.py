@@ -503,9 +503,9 @@ def budgets_for_key(*, key_id: int, now: datetime | None = None) -> list[tuple[B
     from governance.models import ApiKey
 
     now = now or timezone.now()
-    api_key = ApiKey.objects.prefetch_related("agents").get(id=key_id)
-    allowed = list(api_key.agents.all())
-    agent_ids = [a.id for a in allowed] if allowed else list(Agent.objects.values_list("id", flat=True))
+    api_key = ApiKey.objects.get(id=key_id)
+    agents = Agent.objects.all() if api_key.all_agents else api_key.agents.all()
+    agent_ids = list(agents.values_list("id", flat=True))
     q = (Q(scope=Budget.Scope.GLOBAL) | Q(scope=Budget.Scope.AGENT, agent_id__in=agent_ids)
          | Q(scope__in=[Budget.Scope.KEY, Budget.Scope.KEY_AGENT], api_key_id=key_id))
     budgets = list(Budget.objects.filter(q, enabled=True).select_related("api_key", "agent").order_by("scope", "id"))

@@ -18,9 +18,17 @@ class ApiKey(models.Model):
     # sha256 of the whole key; the secret itself is shown once and never stored.
     secret_hash = models.CharField(max_length=64, editable=False)
     role = models.CharField(max_length=16, choices=Role.choices, default=Role.CLIENT)
-    # Agents this key may call; none selected means all.
+    # Which agents the key may call: all of them (all_agents), or only those linked in `agents`.
+    # An explicit state, never inferred from an empty list: deleting a key's agents (a cascade
+    # removes the links) leaves a restricted key with none, i.e. it may call no agent. The
+    # default is the closed one, so a key made without saying "all" can do nothing.
+    all_agents = models.BooleanField(default=False, help_text="The key may call every agent; "
+                                     "otherwise only the agents selected below (none selected: no agent).")
     agents = models.ManyToManyField("agents.Agent", blank=True, related_name="api_keys")
-    # Skill names this key may have offered to the model; empty means all of the agent's skills.
+    # Likewise for skills: all of an agent's skills (all_skills), or only those named in
+    # allowed_skills (empty: none are offered to the model).
+    all_skills = models.BooleanField(default=False, help_text="The key may have every skill of an agent offered "
+                                     "to the model; otherwise only those in allowed_skills ([]: none).")
     allowed_skills = models.JSONField(default=list, blank=True)
     # Requests and tokens per minute (sliding window); empty means no limit.
     rate_limit_rpm = models.PositiveIntegerField(null=True, blank=True)

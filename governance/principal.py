@@ -11,9 +11,9 @@ class Principal:
     prefix: str
     name: str
     role: str
-    # Names of the agents this key may call; None means all agents.
+    # Names of the agents this key may call; None means all agents, an empty set none.
     agents: frozenset[str] | None
-    # Names of the skills this key may have offered to the model; None means all.
+    # Names of the skills this key may have offered to the model; None means all, empty none.
     skills: frozenset[str] | None = None
     rate_limit_rpm: int | None = None
     rate_limit_tpm: int | None = None

@@ -2,7 +2,7 @@
 
 Steady state costs one cache round trip and no database query. The cache entry holds the
 secret's hash (never the secret), so a wrong secret for a valid prefix is refused without a
-query; saves of a key, its agents or a revocation delete the entry (governance.signals).
+query; every change of a key or of its links to agents deletes the entry (governance.signals).
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ def _entry_from_db(prefix: str) -> dict:
         "name": api_key.name,
         "role": api_key.role,
         "hash": api_key.secret_hash,
-        "agents": sorted(a.name for a in api_key.agents.all()) or None,
-        "skills": sorted(api_key.allowed_skills) or None,
+        # None means all; a list, even an empty one, is all the key may use.
+        "agents": None if api_key.all_agents else sorted(a.name for a in api_key.agents.all()),
+        "skills": None if api_key.all_skills else sorted(api_key.allowed_skills),
         "rpm": api_key.rate_limit_rpm,
         "tpm": api_key.rate_limit_tpm,
         "active": api_key.enabled and api_key.revoked_at is None,

@@ -38,11 +38,21 @@ def _future(value):
 class _KeyFields(StrictSerializer):
     name = serializers.CharField(max_length=100, trim_whitespace=True)
     role = serializers.ChoiceField(choices=ApiKey.Role.choices)
+    all_agents = serializers.BooleanField(required=False,
+                                          help_text="true: the key may call every agent (then leave `agents` out). "
+                                                    "Left out: true on create unless `agents` is given.")
     agents = serializers.ListField(child=serializers.CharField(max_length=100), required=False, allow_empty=True,
-                                   max_length=1000, help_text="Agent names; empty or absent = all agents.")
+                                   max_length=1000,
+                                   help_text="Agent names: the key may call only these ([]: none). Giving the list "
+                                             "limits the key to it.")
+    all_skills = serializers.BooleanField(required=False,
+                                          help_text="true: every skill of an agent may be offered (then leave "
+                                                    "`allowed_skills` out). Left out: true on create unless "
+                                                    "`allowed_skills` is given.")
     allowed_skills = serializers.ListField(child=serializers.CharField(max_length=100), required=False,
                                            allow_empty=True, max_length=1000,
-                                           help_text="Skill names; empty or absent = all of the agent's skills.")
+                                           help_text="Skill names: only these may be offered ([]: none). Giving "
+                                                     "the list limits the key to it.")
     rate_limit_rpm = serializers.IntegerField(min_value=1, required=False, allow_null=True,
                                               help_text="Requests per minute; null = no limit.")
     rate_limit_tpm = serializers.IntegerField(min_value=1, required=False, allow_null=True,
@@ -79,15 +89,16 @@ class ApiKeyListFilterSerializer(serializers.Serializer):
 class ApiKeySerializer(serializers.ModelSerializer):
     """A key's state: never its secret, never a hash."""
 
-    agents = serializers.SerializerMethodField(help_text="Agent names; [] = all agents.")
+    agents = serializers.SerializerMethodField(help_text="The agents a key with all_agents false may call; "
+                                                         "[] with all_agents false: none.")
     status = serializers.SerializerMethodField()
     created_by = serializers.SerializerMethodField()
 
     class Meta:
         model = ApiKey
-        fields = ["prefix", "name", "role", "status", "enabled", "agents", "allowed_skills", "rate_limit_rpm",
-                  "rate_limit_tpm", "expires_at", "revoked_at", "last_used_at", "created_at", "created_by",
-                  "rotated_at", "previous_secret_expires_at"]
+        fields = ["prefix", "name", "role", "status", "enabled", "all_agents", "agents", "all_skills",
+                  "allowed_skills", "rate_limit_rpm", "rate_limit_tpm", "expires_at", "revoked_at", "last_used_at",
+                  "created_at", "created_by", "rotated_at", "previous_secret_expires_at"]
         read_only_fields = fields
 
     def get_agents(self, key: ApiKey) -> list[str]:

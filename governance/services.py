@@ -12,6 +12,17 @@ its prefix and never carry a secret or a hash.
 
 Actors are "user:<username>" (the Django admin), "key:<prefix>" (the admin REST API) or
 "system" (management commands, fixtures).
+
+Scopes are explicit: a key is for all agents (`all_agents`) or for the agents linked to it, and
+for all skills (`all_skills`) or for those named in `allowed_skills`. An empty list on a
+restricted key means none, never all: deleting a key's last agent cannot widen it. In the
+services' arguments a list alone restricts the key to it; `all_agents=True` (`all_skills=True`)
+opens it to all and clears the list; giving neither keeps the scope (on create: all).
+
+The admin REST API may not take away the last active admin key (`protect_last_admin`): a key
+that demoted, disabled, revoked or expired itself would leave no key that can manage keys.
+Staff in the Django admin and `manage.py create_api_key --role admin` can always make a new one,
+so those doors are not guarded.
 """
 
 from __future__ import annotations
@@ -27,14 +38,19 @@ from django.utils import timezone
 
 from agentplatform.errors import Conflict, InvalidRequest
 
+from .keys import api_key_status
 from .models import ApiKey
 
 KEY_PREFIX = "ap_"
 # A rotation's grace period is capped: an "old" secret that lives for months is no rotation.
 MAX_GRACE_SECONDS = 30 * 24 * 3600
 # What api_key_update may change; the secret, prefix and state timestamps have their own services.
-UPDATABLE_FIELDS = frozenset({"name", "role", "agents", "allowed_skills", "rate_limit_rpm", "rate_limit_tpm",
-                              "expires_at", "enabled"})
+UPDATABLE_FIELDS = frozenset({"name", "role", "all_agents", "agents", "all_skills", "allowed_skills",
+                              "rate_limit_rpm", "rate_limit_tpm", "expires_at", "enabled"})
+LAST_ADMIN_KEY_MESSAGE = (
+    "This is the last active admin key: it cannot be demoted, disabled, revoked or expired, or no key could "
+    "manage keys any more. Create another admin key first (POST /api/v1/admin/api-keys, or on the server "
+    "`manage.py create_api_key --name NAME --role admin`), then change this one with it.")
 
 
 def hash_secret(key: str) -> str:
@@ -101,9 +117,27 @@ def _check_limit(value: Any, param: str) -> int | None:
     return value
 
 
+def _scope_is_all(*, everything: Any, names: Any, current: bool, flag: str, listed: str) -> bool:
+    """all_agents (all_skills) after a request that gave `everything` (the flag) and `names` (the
+    list), None for either when not given: a list alone restricts the key to it, even an empty one
+    (then to nothing); neither keeps `current`."""
+    if everything is None:
+        return False if names is not None else current
+    if not isinstance(everything, bool):
+        raise InvalidRequest(f"{flag} must be true or false.", param=flag)
+    if everything and names:
+        raise InvalidRequest(f"{listed} must be empty or left out when {flag} is true (the key has them all); "
+                             f"set {flag} to false to limit the key to {listed}.", param=listed)
+    return everything
+
+
 def _agents_named(names: list[str] | None) -> list:
     from agents.models import Agent
 
+    if names is None:
+        return []
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise InvalidRequest("agents must be a list of agent names.", param="agents")
     if not names:
         return []
     agents = list(Agent.objects.filter(name__in=names))
@@ -116,15 +150,44 @@ def _agents_named(names: list[str] | None) -> list:
 def _skills_named(names: list[str] | None) -> list[str]:
     from agents.models import Skill
 
-    if not names:
+    if names is None:
         return []
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise InvalidRequest("allowed_skills must be a list of skill names.", param="allowed_skills")
+    if not names:
+        return []
     known = set(Skill.objects.filter(name__in=names).values_list("name", flat=True))
     missing = sorted(set(names) - known)
     if missing:
         raise InvalidRequest(f"Unknown skills in allowed_skills: {', '.join(missing)}.", param="allowed_skills")
     return sorted(set(names))
+
+
+def _is_active_admin(key: ApiKey) -> bool:
+    return key.role == ApiKey.Role.ADMIN and api_key_status(key) == "active"
+
+
+def _lock(api_key: ApiKey, *, protect_last_admin: bool) -> tuple[ApiKey, bool]:
+    """The key's row, locked, and whether another active admin key exists (True when not protecting).
+
+    Lock order, the one every audited transaction keeps (governance.audit.audit_chain_lock): the
+    audit chain's lock first, then rows. Every change of a key appends an audit entry and so holds
+    the chain lock to its commit anyway; taking it first serializes changes of keys, so two
+    requests that each take away an admin key (their own, or each other's) run one after the
+    other and the second reads what the first committed. The rows are then locked FOR NO KEY
+    UPDATE: runs, sessions and idempotency records that reference a key share its row (FOR KEY
+    SHARE, before the run's transaction takes the chain lock), which must not wait for us nor we
+    for them; the last_used_at stamps, which we must wait for, come after the chain lock.
+    """
+    from .audit import audit_chain_lock
+
+    audit_chain_lock()
+    keys = ApiKey.objects.select_for_update(no_key=True)
+    another_admin = True
+    if protect_last_admin:
+        admins = keys.filter(role=ApiKey.Role.ADMIN).order_by("pk")
+        another_admin = any(key.pk != api_key.pk and api_key_status(key) == "active" for key in admins)
+    return keys.get(pk=api_key.pk), another_admin
 
 
 @transaction.atomic
@@ -133,7 +196,9 @@ def api_key_create(
     name: str,
     role: str,
     agent_names: list[str] | None = None,
+    all_agents: bool | None = None,
     allowed_skills: list[str] | None = None,
+    all_skills: bool | None = None,
     rate_limit_rpm: int | None = None,
     rate_limit_tpm: int | None = None,
     expires_at: datetime | None = None,
@@ -142,23 +207,31 @@ def api_key_create(
     request_id: str = "",
     client_ip: str | None = None,
 ) -> tuple[ApiKey, str]:
-    """Create a key; returns it and the full secret, which is never retrievable again."""
+    """Create a key; returns it and the full secret, which is never retrievable again.
+
+    Agents: `agent_names` alone limits the key to them ([]: to none); `all_agents=True` or
+    neither makes it a key for all agents. Skills likewise (`allowed_skills`, `all_skills`)."""
     _check_role(role)
     _check_name(name)
     _check_limit(rate_limit_rpm, "rate_limit_rpm")
     _check_limit(rate_limit_tpm, "rate_limit_tpm")
-    agents = _agents_named(agent_names)
-    skills = _skills_named(allowed_skills)
+    all_agents = _scope_is_all(everything=all_agents, names=agent_names, current=True, flag="all_agents",
+                               listed="agents")
+    all_skills = _scope_is_all(everything=all_skills, names=allowed_skills, current=True, flag="all_skills",
+                               listed="allowed_skills")
+    agents = [] if all_agents else _agents_named(agent_names)
+    skills = [] if all_skills else _skills_named(allowed_skills)
     prefix, key = _new_key()
     api_key = ApiKey.objects.create(name=name, role=role, prefix=prefix, secret_hash=hash_secret(key),
-                                    allowed_skills=skills, rate_limit_rpm=rate_limit_rpm,
-                                    rate_limit_tpm=rate_limit_tpm, expires_at=expires_at, created_by=created_by)
+                                    all_agents=all_agents, all_skills=all_skills, allowed_skills=skills,
+                                    rate_limit_rpm=rate_limit_rpm, rate_limit_tpm=rate_limit_tpm,
+                                    expires_at=expires_at, created_by=created_by)
     if agents:
         api_key.agents.set(agents)
     _audit(actor=actor, action="api_key.created", api_key=api_key, request_id=request_id, client_ip=client_ip,
-           details={"role": role, "agents": sorted(a.name for a in agents), "allowed_skills": skills,
-                    "rate_limit_rpm": rate_limit_rpm, "rate_limit_tpm": rate_limit_tpm,
-                    "expires_at": _iso(expires_at)})
+           details={"role": role, "all_agents": all_agents, "agents": sorted(a.name for a in agents),
+                    "all_skills": all_skills, "allowed_skills": skills, "rate_limit_rpm": rate_limit_rpm,
+                    "rate_limit_tpm": rate_limit_tpm, "expires_at": _iso(expires_at)})
     return api_key, key
 
 
@@ -185,7 +258,7 @@ def api_key_rotate(
         raise InvalidRequest(f"grace_seconds must be an integer from 0 to {MAX_GRACE_SECONDS}.",
                              param="grace_seconds")
     # Locked: two concurrent rotations must not both demote the same secret.
-    locked = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    locked, _ = _lock(api_key, protect_last_admin=False)
     if locked.revoked_at is not None:
         raise Conflict("A revoked key cannot be rotated.", code="api_key_revoked")
     now = timezone.now()
@@ -217,11 +290,15 @@ def api_key_revoke(
     actor: str = "system",
     request_id: str = "",
     client_ip: str | None = None,
+    protect_last_admin: bool = False,
 ) -> ApiKey:
     """Revoke a key: every secret of it (current and previous) stops working on every worker from
-    its next request (the save drops the shared cache entry). Revoking a revoked key changes nothing."""
-    locked = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    its next request (the save drops the shared cache entry). Revoking a revoked key changes nothing.
+    With protect_last_admin, the last active admin key is refused (409 last_admin_key)."""
+    locked, another_admin = _lock(api_key, protect_last_admin=protect_last_admin)
     if locked.revoked_at is None:
+        if _is_active_admin(locked) and not another_admin:
+            raise Conflict(LAST_ADMIN_KEY_MESSAGE, code="last_admin_key")
         locked.revoked_at = timezone.now()
         # The cached entry refuses a revoked key whatever secret it shows; dropping the previous
         # secret as well leaves nothing that could authenticate, should the key ever be re-enabled.
@@ -242,16 +319,27 @@ def api_key_update(
     actor: str,
     request_id: str = "",
     client_ip: str | None = None,
+    protect_last_admin: bool = False,
 ) -> ApiKey:
-    """Change a key's name, role, agents (names; empty = all), allowed_skills (empty = all),
-    rate limits, expires_at or enabled. Unknown fields are refused; unchanged values are not audited."""
+    """Change a key's name, role, scopes (all_agents, agents as names, all_skills, allowed_skills:
+    see the module docstring), rate limits, expires_at or enabled. Unknown fields are refused;
+    unchanged values are not audited. With protect_last_admin, a change that would leave no active
+    admin key (demoting, disabling or expiring the last one) is refused (409 last_admin_key)."""
     unknown = sorted(set(fields) - UPDATABLE_FIELDS)
     if unknown:
         raise InvalidRequest(f"Unknown or read-only field: {unknown[0]}.", param=unknown[0])
-    locked = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    locked, another_admin = _lock(api_key, protect_last_admin=protect_last_admin)
+    was_active_admin = _is_active_admin(locked)
     changed: dict[str, Any] = {}
     columns: list[str] = []
-    for field, value in fields.items():
+    all_agents = _scope_is_all(everything=fields.get("all_agents"), names=fields.get("agents"),
+                               current=locked.all_agents, flag="all_agents", listed="agents")
+    all_skills = _scope_is_all(everything=fields.get("all_skills"), names=fields.get("allowed_skills"),
+                               current=locked.all_skills, flag="all_skills", listed="allowed_skills")
+    scoped = dict(fields, all_agents=all_agents, all_skills=all_skills)
+    if all_skills:
+        scoped["allowed_skills"] = []
+    for field, value in scoped.items():
         if field == "agents":
             continue
         if field == "name":
@@ -270,10 +358,13 @@ def api_key_update(
             setattr(locked, field, value)
             columns.append(field)
             changed[field] = {"from": _shown(before), "to": _shown(value)}
+    # Validated before anything is written; a key for all agents keeps no links.
+    agents = [] if all_agents else _agents_named(fields["agents"]) if "agents" in fields else None
+    if was_active_admin and not _is_active_admin(locked) and not another_admin:
+        raise Conflict(LAST_ADMIN_KEY_MESSAGE, code="last_admin_key")
     if columns:
         locked.save(update_fields=columns)
-    if "agents" in fields:
-        agents = _agents_named(fields["agents"])
+    if agents is not None:
         before = sorted(locked.agents.values_list("name", flat=True))
         after = sorted(a.name for a in agents)
         if before != after:

@@ -1,5 +1,18 @@
-"""Drop cached key entries whenever a key or its allowed agents change, on every worker
-(the cache is shared: Redis in production)."""
+"""Drop cached key entries whenever a key or its links to agents change, however they change,
+on every worker (the cache is shared: Redis in production).
+
+- the key itself: post_save / post_delete of ApiKey (the services save every change);
+- its links through the managers (key.agents.set/add/remove/clear, agent.api_keys...): m2m_changed;
+- its links removed with their agent: deleting an agent, also in bulk (the Django admin's
+  "delete selected", `Agent.objects.filter(...).delete()`), cascades to the links without
+  m2m_changed, and Django sends no delete signals for an auto-created link model. The agent
+  itself gets pre_delete, one per agent even for a queryset delete: agents.signals forgets the
+  keys linked to it then (and on commit), as it does when an agent is renamed.
+
+Skill names in allowed_skills are plain names, not links: deleting a skill changes no key entry.
+Raw SQL, QuerySet.update() and deleting link rows by hand send no signals; key entries then
+live until AGENT_CACHE_SECONDS.
+"""
 
 from __future__ import annotations
 

@@ -3,12 +3,17 @@
     POST  /api/v1/admin/api-keys                  create → 201, the secret in `key` (this once)
     GET   /api/v1/admin/api-keys                  list (?role=&enabled=&status=&limit=&offset=)
     GET   /api/v1/admin/api-keys/{prefix}         one key
-    PATCH /api/v1/admin/api-keys/{prefix}         name, role, agents, allowed_skills, limits, expires_at, enabled
+    PATCH /api/v1/admin/api-keys/{prefix}         name, role, all_agents, agents, all_skills, allowed_skills,
+                                                  limits, expires_at, enabled
     POST  /api/v1/admin/api-keys/{prefix}/rotate  {grace_seconds?} → the new secret in `key` (this once)
     POST  /api/v1/admin/api-keys/{prefix}/revoke  → the key's state; every secret of it stops working
 
 Plain sync DRF views: this is not the chat path. Each validates at the edge and calls one
 service, which writes the change and its audit entry (actor "key:<prefix>") together.
+
+PATCH and revoke refuse to take away the last active admin key (409 last_admin_key): a key
+could otherwise lock every key out of this API. `manage.py create_api_key --role admin` is the
+way back in for whoever runs the server.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ ERRORS = {
     403: OpenApiResponse(description="The key is not an admin key."),
     404: OpenApiResponse(description="No key with this prefix."),
 }
+LAST_ADMIN = OpenApiResponse(description="`last_admin_key`: the change would leave no active admin key.")
 
 
 def _keys():
@@ -107,10 +113,10 @@ class ApiKeyListView(_AdminKeyView):
     def post(self, request: Request) -> Response:
         data = self.body(ApiKeyCreateSerializer, request)
         api_key, secret = api_key_create(
-            name=data["name"], role=data["role"], agent_names=data.get("agents"),
-            allowed_skills=data.get("allowed_skills"), rate_limit_rpm=data.get("rate_limit_rpm"),
-            rate_limit_tpm=data.get("rate_limit_tpm"), expires_at=data.get("expires_at"),
-            **self.audit_context())
+            name=data["name"], role=data["role"], agent_names=data.get("agents"), all_agents=data.get("all_agents"),
+            allowed_skills=data.get("allowed_skills"), all_skills=data.get("all_skills"),
+            rate_limit_rpm=data.get("rate_limit_rpm"), rate_limit_tpm=data.get("rate_limit_tpm"),
+            expires_at=data.get("expires_at"), **self.audit_context())
         return Response(_with_secret(self.get_key(api_key.prefix), secret), status=status.HTTP_201_CREATED)
 
 
@@ -119,11 +125,11 @@ class ApiKeyDetailView(_AdminKeyView):
     def get(self, request: Request, prefix: str) -> Response:
         return Response(ApiKeySerializer(self.get_key(prefix)).data)
 
-    @extend_schema(request=ApiKeyUpdateSerializer, responses={200: ApiKeySerializer, **ERRORS})
+    @extend_schema(request=ApiKeyUpdateSerializer, responses={200: ApiKeySerializer, **ERRORS, 409: LAST_ADMIN})
     def patch(self, request: Request, prefix: str) -> Response:
         api_key = self.get_key(prefix)
         data = self.body(ApiKeyUpdateSerializer, request, partial=True)
-        api_key_update(api_key=api_key, fields=data, **self.audit_context())
+        api_key_update(api_key=api_key, fields=data, protect_last_admin=True, **self.audit_context())
         return Response(ApiKeySerializer(self.get_key(prefix)).data)
 
 
@@ -144,12 +150,12 @@ class ApiKeyRotateView(_AdminKeyView):
 
 
 class ApiKeyRevokeView(_AdminKeyView):
-    @extend_schema(request=None, responses={200: ApiKeySerializer, **ERRORS},
+    @extend_schema(request=None, responses={200: ApiKeySerializer, **ERRORS, 409: LAST_ADMIN},
                    description="Every secret of the key (current and previous) stops working on every worker "
                                "within a moment. Revoking a revoked key is a no-op that answers the same.")
     def post(self, request: Request, prefix: str) -> Response:
         api_key = self.get_key(prefix)
         self.body(ApiKeyRevokeSerializer, request)
-        api_key_revoke(api_key=api_key, **self.audit_context())
+        api_key_revoke(api_key=api_key, protect_last_admin=True, **self.audit_context())
         return Response(ApiKeySerializer(self.get_key(prefix)).data)
 

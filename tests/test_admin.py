@@ -383,7 +383,7 @@ def test_it_creates_an_api_key_and_shows_its_secret_once(admin_client, data, adm
     key = ApiKey.objects.get(name="billing bot")
     assert key.role == "developer"
     assert key.created_by == admin_user
-    assert list(key.agents.all()) == [data.agent]
+    assert (key.all_agents, list(key.agents.all())) == (False, [data.agent])
     assert key.secret_hash == hashlib.sha256(secret.encode()).hexdigest()
     for field in ApiKey._meta.concrete_fields:
         assert secret not in str(getattr(key, field.attname))
@@ -421,7 +421,7 @@ def test_it_edits_a_key_but_not_its_secret(admin_client, data):
     assert response.status_code == 302
     key = ApiKey.objects.get(pk=data.api_key.pk)
     assert (key.name, key.role, key.enabled) == ("renamed", "admin", False)
-    assert list(key.agents.all()) == []
+    assert (key.all_agents, list(key.agents.all())) == (False, [])  # no box ticked, none selected: no agent
     assert (key.prefix, key.secret_hash) == (before.prefix, before.secret_hash)
 
 

@@ -275,8 +275,9 @@ def test_it_creates_an_api_key_as_json():
     out, _ = run("create_api_key", name="ci", role="developer", agents="a1, a2", expires_in_days=30, json=True)
 
     body = json.loads(out)  # exactly one JSON object
-    assert set(body) == {"key", "prefix", "name", "role", "agents", "expires_at"}
-    assert body["name"] == "ci" and body["role"] == "developer" and body["agents"] == ["a1", "a2"]
+    assert set(body) == {"key", "prefix", "name", "role", "all_agents", "agents", "expires_at"}
+    assert body["name"] == "ci" and body["role"] == "developer"
+    assert (body["all_agents"], body["agents"]) == (False, ["a1", "a2"])
     assert body["expires_at"] is not None
     principal = principal_for_key(body["key"])
     assert principal is not None
@@ -296,6 +297,37 @@ def test_it_prints_the_secret_once_with_a_warning():
     assert "will not be shown again" in out
     principal = principal_for_key(secrets_shown[0])
     assert principal.role == "admin" and principal.agents is None
+    assert "agents: all" in out
+
+
+@pytest.mark.django_db
+def test_it_says_all_agents_explicitly():
+    Agent.objects.create(name="a1", model="local/demo")
+
+    out, _ = run("create_api_key", "--name", "ops", "--role", "client", "--all-agents", "--json")
+
+    body = json.loads(out)
+    assert (body["all_agents"], body["agents"]) == (True, [])
+    assert principal_for_key(body["key"]).agents is None
+    assert ApiKey.objects.get(prefix=body["prefix"]).all_agents is True
+
+
+@pytest.mark.django_db
+def test_it_refuses_an_empty_agent_list_rather_than_guess():
+    _, message = run_failing("create_api_key", name="x", role="client", agents=" , ")
+
+    assert "--agents needs at least one agent name; use --all-agents" in message
+    assert ApiKey.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_it_refuses_agents_and_all_agents_together():
+    Agent.objects.create(name="a1", model="local/demo")
+
+    with pytest.raises(CommandError):
+        call_command("create_api_key", "--name", "x", "--role", "client", "--agents", "a1", "--all-agents",
+                     stdout=io.StringIO(), stderr=io.StringIO())
+    assert ApiKey.objects.count() == 0
 
 
 @pytest.mark.django_db

@@ -157,9 +157,11 @@ def test_it_creates_a_key_and_shows_its_secret_only_then(admin_key, make_agent):
     body = response.json()
     secret = body["key"]
     assert re.fullmatch(rf"ap_{body['prefix']}_[A-Za-z0-9_-]{{43}}", secret)
-    assert {k: body[k] for k in ("name", "role", "agents", "allowed_skills", "rate_limit_rpm", "rate_limit_tpm",
-                                 "status", "enabled", "revoked_at", "rotated_at")} == {
-        "name": "billing bot", "role": "developer", "agents": ["demo"], "allowed_skills": ["calculator"],
+    assert {k: body[k] for k in ("name", "role", "all_agents", "agents", "all_skills", "allowed_skills",
+                                 "rate_limit_rpm", "rate_limit_tpm", "status", "enabled", "revoked_at",
+                                 "rotated_at")} == {
+        "name": "billing bot", "role": "developer", "all_agents": False, "agents": ["demo"], "all_skills": False,
+        "allowed_skills": ["calculator"],
         "rate_limit_rpm": 60, "rate_limit_tpm": 10_000, "status": "active", "enabled": True,
         "revoked_at": None, "rotated_at": None}
     assert "secret_hash" not in body and "previous_secret_hash" not in body
@@ -186,7 +188,8 @@ def test_it_creates_a_key_for_all_agents_with_defaults(admin_key):
 
     assert response.status_code == 201
     body = response.json()
-    assert (body["agents"], body["allowed_skills"], body["rate_limit_rpm"], body["expires_at"]) == ([], [], None, None)
+    assert (body["all_agents"], body["agents"], body["all_skills"], body["allowed_skills"], body["rate_limit_rpm"],
+            body["expires_at"]) == (True, [], True, [], None, None)
     assert key_of(body["key"]).created_by is None
 
 
@@ -301,7 +304,11 @@ def test_it_updates_a_key_and_every_worker_sees_it(admin_key, target, make_agent
     agents = api(target).get("/api/v1/agents").json()["results"]
     assert [a["name"] for a in agents] == ["demo"]
 
-    patch(admin_key, f"{KEYS}/{prefix}", {"agents": []})  # all agents again
+    patch(admin_key, f"{KEYS}/{prefix}", {"agents": []})  # a list restricts, an empty one to nothing
+    assert api(target).get("/api/v1/agents").json()["results"] == []
+
+    body = patch(admin_key, f"{KEYS}/{prefix}", {"all_agents": True}).json()  # all agents again
+    assert (body["all_agents"], body["agents"]) == (True, [])
     agents = api(target).get("/api/v1/agents").json()["results"]
     assert sorted(a["name"] for a in agents) == ["demo", "other"]
 
@@ -570,13 +577,14 @@ def test_it_edits_limits_and_skills_in_the_console(admin_client, target, make_ag
     make_agent(name="demo", skills=["calculator"])
     key = key_of(target)
     url = reverse("admin:governance_apikey_change", args=[key.pk])
-    form = {"name": key.name, "role": "client", "enabled": "on", "agents": [], "allowed_skills": '["calculator"]',
-            "rate_limit_rpm": "30", "rate_limit_tpm": ""}
+    form = {"name": key.name, "role": "client", "enabled": "on", "all_agents": "on", "agents": [],
+            "allowed_skills": '["calculator"]', "rate_limit_rpm": "30", "rate_limit_tpm": ""}
 
     assert admin_client.post(url, form).status_code == 302
 
     key.refresh_from_db()
-    assert (key.allowed_skills, key.rate_limit_rpm, key.rate_limit_tpm) == (["calculator"], 30, None)
+    assert (key.all_agents, key.all_skills, key.allowed_skills, key.rate_limit_rpm, key.rate_limit_tpm) == (
+        True, False, ["calculator"], 30, None)
     bad = admin_client.post(url, {**form, "allowed_skills": '["nope"]', "rate_limit_rpm": "0"})
     assert bad.status_code == 200
     assert set(bad.context["adminform"].form.errors) == {"allowed_skills", "rate_limit_rpm"}

@@ -28,7 +28,8 @@ from ..models import ApiKey
 from ..services import api_key_create, api_key_revoke, api_key_rotate, api_key_update, user_actor
 
 # Fields an edit in the admin may change (api_key_update's own list, as the form calls them).
-EDITABLE = ["name", "role", "enabled", "agents", "allowed_skills", "rate_limit_rpm", "rate_limit_tpm", "expires_at"]
+EDITABLE = ["name", "role", "enabled", "all_agents", "agents", "all_skills", "allowed_skills", "rate_limit_rpm",
+            "rate_limit_tpm", "expires_at"]
 
 
 class StatusFilter(admin.SimpleListFilter):
@@ -54,11 +55,21 @@ class ApiKeyChangeForm(forms.ModelForm):
 
         names = self.cleaned_data.get("allowed_skills") or []
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-            raise forms.ValidationError('A JSON list of skill names, such as ["calculator"]; [] for all.')
+            raise forms.ValidationError('A JSON list of skill names, such as ["calculator"]; [] for none '
+                                        '(tick "all skills" for all).')
         missing = sorted(set(names) - set(Skill.objects.filter(name__in=names).values_list("name", flat=True)))
         if missing:
             raise forms.ValidationError(f"Unknown skills: {', '.join(missing)}.")
         return names
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        # "All" and a list together would be two answers to one question: say which one.
+        if data.get("all_agents") and data.get("agents"):
+            self.add_error("agents", 'Untick "all agents" to limit the key to the agents selected here.')
+        if data.get("all_skills") and data.get("allowed_skills"):
+            self.add_error("allowed_skills", 'Untick "all skills" to limit the key to the skills listed here.')
+        return data
 
     def _positive(self, name: str) -> Any:
         value = self.cleaned_data.get(name)
@@ -77,6 +88,12 @@ class ApiKeyCreateForm(ApiKeyChangeForm):
     class Meta:
         model = ApiKey
         fields = [f for f in EDITABLE if f != "enabled"]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A new key is for all agents and skills unless the form says otherwise, as with the API.
+        self.fields["all_agents"].initial = True
+        self.fields["all_skills"].initial = True
 
     def clean_expires_at(self) -> Any:
         expires_at = self.cleaned_data.get("expires_at")
@@ -98,15 +115,17 @@ class ApiKeyAdmin(PrettyJSONMixin, admin.ModelAdmin):
                        "previous_secret_expires_at"]
     add_fieldsets = [
         (None, {
-            "fields": ["name", "role", "agents", "allowed_skills", "rate_limit_rpm", "rate_limit_tpm", "expires_at"],
+            "fields": ["name", "role", "all_agents", "agents", "all_skills", "allowed_skills", "rate_limit_rpm",
+                       "rate_limit_tpm", "expires_at"],
             "description": "The key's secret is generated on save and shown once, on the next page. "
-                           "No agents selected = all agents; allowed_skills [] = all of an agent's skills; "
+                           'Untick "all agents" to limit the key to the agents selected (none selected: no agent); '
+                           'untick "all skills" to limit it to allowed_skills ([]: none); '
                            "empty rate limits = no limit.",
         }),
     ]
     fieldsets = [
-        (None, {"fields": ["name", "role", "enabled", "agents", "allowed_skills", "rate_limit_rpm", "rate_limit_tpm",
-                           "expires_at"]}),
+        (None, {"fields": ["name", "role", "enabled", "all_agents", "agents", "all_skills", "allowed_skills",
+                           "rate_limit_rpm", "rate_limit_tpm", "expires_at"]}),
         ("State", {"fields": ["prefix", "status", "revoked_at", "created_by", "created_at", "last_used_at",
                               "rotated_at", "previous_secret_expires_at"]}),
     ]
@@ -127,6 +146,8 @@ class ApiKeyAdmin(PrettyJSONMixin, admin.ModelAdmin):
             fields = {name: data[name] for name in form.changed_data if name in EDITABLE}
             if "agents" in fields:
                 fields["agents"] = [agent.name for agent in fields["agents"]]
+            # The boxes say which scope the lists belong to, changed or not (unchanged values are not audited).
+            fields.update(all_agents=data["all_agents"], all_skills=data["all_skills"])
             stored = ApiKey.objects.get(pk=obj.pk)
             api_key_update(api_key=stored, fields=fields, actor=user_actor(request.user))
             for field in ApiKey._meta.concrete_fields:
@@ -135,8 +156,10 @@ class ApiKeyAdmin(PrettyJSONMixin, admin.ModelAdmin):
         key, secret = api_key_create(
             name=data["name"],
             role=data["role"],
+            all_agents=data["all_agents"],
             agent_names=[agent.name for agent in data["agents"]],
-            allowed_skills=data.get("allowed_skills") or None,
+            all_skills=data["all_skills"],
+            allowed_skills=data.get("allowed_skills") or [],
             rate_limit_rpm=data.get("rate_limit_rpm"),
             rate_limit_tpm=data.get("rate_limit_tpm"),
             expires_at=data["expires_at"],
