@@ -117,11 +117,30 @@ TEMPLATES = [
 ]
 
 # --- Database -------------------------------------------------------------------------
-# Unset: SQLite in var/ (WAL, so readers never wait for the writer). Set: PostgreSQL via
-# psycopg 3 with its connection pool. Under ASGI every request runs its sync ORM work in a
-# thread of its own, so Django's CONN_MAX_AGE would strand a connection per thread; the
-# pool keeps connections persistent across requests instead.
+# Unset: SQLite in var/. Set: PostgreSQL via psycopg 3 with its connection pool, or SQLite at
+# the URL's path. Under ASGI every request runs its sync ORM work in a thread of its own, so
+# Django's CONN_MAX_AGE would strand a connection per thread; the pool keeps connections
+# persistent across requests instead.
 DATABASE_URL = env.str("DATABASE_URL", default="")
+
+
+def _sqlite_options(database: dict) -> dict:
+    """The options every SQLite database gets, the embedded default's or a sqlite:// URL's.
+
+    WAL, so readers never wait for the writer; a busy timeout, so a writer waits for the lock
+    instead of failing; IMMEDIATE transactions, so a transaction takes the write lock when it
+    begins (a deferred one that reads, then writes, fails at once with "database is locked"
+    when another writer holds it: busy_timeout cannot help there); persistent connections, kept
+    by the chat path's database threads (agentplatform.db). Options the URL names win.
+    """
+    options = {
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000;",
+        "transaction_mode": "IMMEDIATE",
+        **database.get("OPTIONS", {}),
+    }
+    return {**database, "CONN_MAX_AGE": None, "OPTIONS": options}
+
+
 if DATABASE_URL:
     DATABASES = {"default": env.db_url_config(DATABASE_URL)}
     if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
@@ -133,18 +152,9 @@ if DATABASE_URL:
         }
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
-    DATABASES = {
-        "default": {
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": VAR_DIR / "db.sqlite3",
-            # Persistent: the chat path's database threads (agentplatform.db) keep theirs.
-            "CONN_MAX_AGE": None,
-            "OPTIONS": {
-                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000;",
-                "transaction_mode": "IMMEDIATE",
-            },
-        }
-    }
+    DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": VAR_DIR / "db.sqlite3"}}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"] = _sqlite_options(DATABASES["default"])
 # Tests on SQLite use a file, not Django's shared in-memory database: that one refuses
 # concurrent writers (table locks, no busy timeout) where the chat path's database threads write
 # concurrently by design, as they do on the file database in production.

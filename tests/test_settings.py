@@ -48,6 +48,9 @@ SCENARIOS: dict[str, dict[str, str]] = {
     "postgres": {"DEBUG": "1", "DATABASE_URL": "postgres://app:pw@db.example:5432/agents",
                  "DATABASE_POOL_MAX_SIZE": "7"},
     "redis": {"DEBUG": "1", "REDIS_URL": "redis://cache.example:6379/2"},
+    # Four slashes: an absolute path (three: relative to the working directory).
+    "sqlite_url": {"DEBUG": "1", "DATABASE_URL": "sqlite:////srv/agents/x.db"},
+    "sqlite_url_with_options": {"DEBUG": "1", "DATABASE_URL": "sqlite:////srv/agents/x.db?timeout=20"},
     "bad_number": {"DEBUG": "1", "MAX_REQUEST_BYTES": "lots"},
     "bad_providers_json": {"DEBUG": "1", "LLM_PROVIDERS": "{oops"},
     "providers_redefine_openai": {"DEBUG": "1", "LLM_PROVIDERS": '{"openai": {"base_url": "http://x/v1"}}'},
@@ -126,6 +129,31 @@ def test_it_uses_postgresql_with_a_connection_pool_given_a_database_url(outcomes
     assert db["OPTIONS"]["pool"] == {"min_size": 2, "max_size": 7, "timeout": 10.0}
 
 
+EMBEDDED_SQLITE_OPTIONS = {
+    "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000;",
+    "transaction_mode": "IMMEDIATE",
+}
+
+
+def test_the_embedded_sqlite_database_is_tuned_for_concurrent_writers(outcomes):
+    db = ok(outcomes, "embedded")["db"]
+    assert db["OPTIONS"] == EMBEDDED_SQLITE_OPTIONS
+    assert db["CONN_MAX_AGE"] is None  # the chat path's database threads keep their connections
+
+
+def test_a_sqlite_database_url_gets_the_embedded_defaults_options(outcomes):
+    db = ok(outcomes, "sqlite_url")["db"]
+    assert db["ENGINE"] == "django.db.backends.sqlite3"
+    assert db["NAME"] == "/srv/agents/x.db"
+    assert db["OPTIONS"] == EMBEDDED_SQLITE_OPTIONS
+    assert db["CONN_MAX_AGE"] is None
+
+
+def test_options_a_sqlite_database_url_names_are_kept(outcomes):
+    db = ok(outcomes, "sqlite_url_with_options")["db"]
+    assert db["OPTIONS"] == {**EMBEDDED_SQLITE_OPTIONS, "timeout": 20}
+
+
 def test_it_uses_redis_for_cache_channels_and_celery_given_a_redis_url(outcomes):
     settings = ok(outcomes, "redis")
     url = "redis://cache.example:6379/2"
@@ -155,3 +183,62 @@ def test_it_reads_an_extra_providers_key_from_the_variable_it_names(outcomes):
 def test_it_applies_the_body_limit_to_djangos_upload_limit(outcomes):
     settings = ok(outcomes, "embedded")
     assert settings["max_request_bytes"] == settings["upload_limit"] == 2048
+
+
+# --- DATABASE_URL=sqlite://: the embedded default's SQLite options, under load ------------------
+
+SQLITE_SETUP = """
+import json
+from decimal import Decimal
+import django
+django.setup()
+from django.core.management import call_command
+call_command("migrate", verbosity=0)
+from agents.models import Agent
+from billing.budgets import budget_create
+from governance.services import api_key_create
+Agent.objects.create(name="echo", model="openai/gpt-4o-mini")
+budget_create(scope="global", period="month", limit_usd=Decimal("100"))
+_, secret = api_key_create(name="load", role="client")
+print(json.dumps({"key": secret}))
+"""
+
+
+@pytest.mark.slow
+async def test_a_sqlite_database_url_serves_30_concurrent_budgeted_chats(tmp_path, fake_upstream):
+    # Budgets reserve and settle in write transactions: without WAL, a busy timeout and
+    # IMMEDIATE transactions, SQLite answers concurrent writers with "database is locked" (500).
+    import asyncio
+    import secrets
+    import time
+
+    import httpx
+
+    from conftest import spawn_daphne, stop_processes, wait_ready
+
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+           "DJANGO_SETTINGS_MODULE": "agentplatform.settings", "DEBUG": "0",
+           "SECRET_KEY": secrets.token_urlsafe(50), "VAR_DIR": str(tmp_path / "var"),
+           "DATABASE_URL": f"sqlite:///{tmp_path / 'load.db'}", "LOG_LEVEL": "WARNING",
+           "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": fake_upstream.base_url}
+    setup = subprocess.run([sys.executable, "-c", SQLITE_SETUP], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert setup.returncode == 0, setup.stderr[-3000:]
+    key = json.loads(setup.stdout.strip().splitlines()[-1])["key"]
+    log_path = tmp_path / "daphne.log"
+    process, url = spawn_daphne(env, log_path)
+    try:
+        wait_ready(process, url, log_path, time.monotonic() + 30)
+        limits = httpx.Limits(max_connections=30, max_keepalive_connections=30)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            responses = await asyncio.gather(*(
+                client.post(f"{url}/api/v1/agents/echo/chat", json={"message": f"hello {n}"},
+                            headers={"Authorization": f"Bearer {key}"})
+                for n in range(30)))
+    finally:
+        stop_processes([process])
+
+    statuses = [r.status_code for r in responses]
+    assert statuses == [200] * 30, ([r.text[:300] for r in responses if r.status_code != 200][:3],
+                                    log_path.read_text()[-2000:])
+    assert (tmp_path / "load.db").is_file()
