@@ -46,8 +46,21 @@ if env.bool("SECURE_PROXY_SSL_HEADER", default=False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 # Behind a load balancer that sets X-Forwarded-For: take the client address (audit, limits) from it.
 TRUST_X_FORWARDED_FOR = env.bool("TRUST_X_FORWARDED_FOR", default=False)
-SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
-CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=False)
+# HTTPS only: plain-HTTP requests are redirected (SecurityMiddleware; behind a TLS-terminating
+# proxy set SECURE_PROXY_SSL_HEADER too, or every request looks plain). The health probes are
+# exempt: load balancers and the Docker healthcheck call them over plain HTTP.
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+SECURE_REDIRECT_EXEMPT = [r"^health(/|$)"]
+# Strict-Transport-Security on HTTPS responses: browsers then refuse plain HTTP to this host for
+# this long. Off by default: once sent it cannot be taken back before it expires.
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+if SECURE_HSTS_SECONDS < 0:
+    raise ImproperlyConfigured("SECURE_HSTS_SECONDS must be >= 0.")
+# The admin's cookies travel over HTTPS only once the site is HTTPS only, unless said otherwise.
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=SECURE_SSL_REDIRECT)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=SECURE_SSL_REDIRECT)
 SESSION_COOKIE_HTTPONLY = True
 # Flash messages live in the session (server side): a new API key shown once in the admin never
 # travels in a cookie.

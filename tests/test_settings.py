@@ -34,6 +34,9 @@ print(json.dumps({
     "providers": s.LLM_PROVIDERS,
     "max_request_bytes": s.MAX_REQUEST_BYTES,
     "upload_limit": s.DATA_UPLOAD_MAX_MEMORY_SIZE,
+    "https": {name: getattr(s, name) for name in (
+        "SECURE_SSL_REDIRECT", "SECURE_HSTS_SECONDS", "SECURE_HSTS_INCLUDE_SUBDOMAINS", "SECURE_HSTS_PRELOAD",
+        "SESSION_COOKIE_SECURE", "CSRF_COOKIE_SECURE")},
 }, default=str))
 """
 
@@ -51,7 +54,10 @@ SCENARIOS: dict[str, dict[str, str]] = {
     # Four slashes: an absolute path (three: relative to the working directory).
     "sqlite_url": {"DEBUG": "1", "DATABASE_URL": "sqlite:////srv/agents/x.db"},
     "sqlite_url_with_options": {"DEBUG": "1", "DATABASE_URL": "sqlite:////srv/agents/x.db?timeout=20"},
+    "https_only": {"DEBUG": "1", "SECURE_SSL_REDIRECT": "true", "SECURE_HSTS_SECONDS": "3600"},
+    "https_only_but_plain_csrf_cookie": {"DEBUG": "1", "SECURE_SSL_REDIRECT": "true", "CSRF_COOKIE_SECURE": "false"},
     "bad_number": {"DEBUG": "1", "MAX_REQUEST_BYTES": "lots"},
+    "negative_hsts": {"DEBUG": "1", "SECURE_HSTS_SECONDS": "-1"},
     "bad_providers_json": {"DEBUG": "1", "LLM_PROVIDERS": "{oops"},
     "providers_redefine_openai": {"DEBUG": "1", "LLM_PROVIDERS": '{"openai": {"base_url": "http://x/v1"}}'},
 }
@@ -242,3 +248,96 @@ async def test_a_sqlite_database_url_serves_30_concurrent_budgeted_chats(tmp_pat
     assert statuses == [200] * 30, ([r.text[:300] for r in responses if r.status_code != 200][:3],
                                     log_path.read_text()[-2000:])
     assert (tmp_path / "load.db").is_file()
+
+
+# --- HTTPS settings and `manage.py check --deploy` ----------------------------------------------
+
+
+def test_https_settings_are_off_by_default(outcomes):
+    assert ok(outcomes, "embedded")["https"] == {
+        "SECURE_SSL_REDIRECT": False, "SECURE_HSTS_SECONDS": 0, "SECURE_HSTS_INCLUDE_SUBDOMAINS": False,
+        "SECURE_HSTS_PRELOAD": False, "SESSION_COOKIE_SECURE": False, "CSRF_COOKIE_SECURE": False}
+
+
+def test_the_admins_cookies_follow_the_https_redirect_unless_set_otherwise(outcomes):
+    https = ok(outcomes, "https_only")["https"]
+    assert https["SECURE_SSL_REDIRECT"] is True and https["SECURE_HSTS_SECONDS"] == 3600
+    assert https["SESSION_COOKIE_SECURE"] is True and https["CSRF_COOKIE_SECURE"] is True
+    https = ok(outcomes, "https_only_but_plain_csrf_cookie")["https"]
+    assert https["SESSION_COOKIE_SECURE"] is True and https["CSRF_COOKIE_SECURE"] is False
+
+
+def test_it_refuses_a_negative_hsts_duration(outcomes):
+    assert "SECURE_HSTS_SECONDS" in refused(outcomes, "negative_hsts")
+
+
+PRODUCTION = {"DEBUG": "false", "SECRET_KEY": GOOD_SECRET, "ALLOWED_HOSTS": "agents.example.com"}
+HTTPS_ONLY = {**PRODUCTION, "SECURE_PROXY_SSL_HEADER": "true", "SECURE_SSL_REDIRECT": "true",
+              "SECURE_HSTS_SECONDS": "3600", "SECURE_HSTS_INCLUDE_SUBDOMAINS": "true", "SECURE_HSTS_PRELOAD": "true"}
+DEPLOY_SCENARIOS: dict[str, dict[str, str]] = {
+    "plain_http": PRODUCTION,
+    "https_only": HTTPS_ONLY,
+    "hsts_alone": {**PRODUCTION, "SECURE_SSL_REDIRECT": "true", "SECURE_HSTS_SECONDS": "3600"},
+    "plain_session_cookie": {**HTTPS_ONLY, "SESSION_COOKIE_SECURE": "false"},
+}
+# Django's warnings that our middleware subclasses used to raise falsely: "not in your MIDDLEWARE".
+MIDDLEWARE_MISSING = {"security.W001", "security.W002", "security.W003"}
+
+
+@pytest.fixture(scope="module")
+def deploy_checks(tmp_path_factory) -> dict[str, tuple[int, set[str], str]]:
+    """scenario → (exit code, ids of the messages `manage.py check --deploy` printed, output)."""
+    import re
+
+    processes = {}
+    for name, variables in DEPLOY_SCENARIOS.items():
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+               "VAR_DIR": str(tmp_path_factory.mktemp(f"deploy-{name}")), **variables}
+        processes[name] = subprocess.Popen([sys.executable, "manage.py", "check", "--deploy"], cwd=ROOT, env=env,
+                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    results = {}
+    for name, process in processes.items():
+        out, _ = process.communicate(timeout=60)
+        results[name] = (process.returncode, set(re.findall(r"\(([a-z_]+\.[WE]\d{3})\)", out)), out)
+    return results
+
+
+def test_check_deploy_is_clean_on_an_https_only_production_setup(deploy_checks):
+    code, ids, out = deploy_checks["https_only"]
+    assert code == 0, out
+    assert ids == set(), out
+    assert "no issues" in out
+
+
+def test_check_deploy_reports_what_a_plain_http_production_setup_lacks(deploy_checks):
+    code, ids, out = deploy_checks["plain_http"]
+    assert code == 0, out  # warnings, not errors
+    # HSTS, the SSL redirect, the session and CSRF cookies: honestly, and no false "missing middleware".
+    assert ids == {"security.W004", "security.W008", "security.W012", "security.W016"}, out
+    assert not ids & MIDDLEWARE_MISSING
+
+
+def test_check_deploy_reports_hsts_without_subdomains_or_preload(deploy_checks):
+    _, ids, out = deploy_checks["hsts_alone"]
+    assert ids == {"security.W005", "security.W021"}, out
+
+
+def test_check_deploy_reports_a_session_cookie_set_back_to_plain_http(deploy_checks):
+    _, ids, out = deploy_checks["plain_session_cookie"]
+    assert ids == {"security.W012"}, out
+
+
+def test_https_only_redirects_pages_and_the_api_but_not_the_health_probe(client, settings, db):
+    settings.SECURE_SSL_REDIRECT = True
+    settings.SECURE_HSTS_SECONDS = 3600
+
+    page = client.get("/admin/login/")
+    api = client.get("/api/v1/agents")
+    health = client.get("/health")
+    secure = client.get("/admin/login/", secure=True)
+
+    assert (page.status_code, page["Location"]) == (301, "https://testserver/admin/login/")
+    assert (api.status_code, api["Location"]) == (301, "https://testserver/api/v1/agents")
+    assert health.status_code == 200  # load balancers and the Docker healthcheck probe over plain HTTP
+    assert secure.status_code == 200
+    assert secure["Strict-Transport-Security"] == "max-age=3600"
