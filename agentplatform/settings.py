@@ -91,8 +91,9 @@ INSTALLED_APPS = [
 # Every middleware here is async-capable without a thread hop on the API paths: Django's
 # MiddlewareMixin runs each hook through sync_to_async under ASGI, which funnels every API
 # request through a thread several times. The wrappers in agentplatform.middleware run the
-# cheap hooks inline and skip the page-only ones (sessions, CSRF, auth, messages) for
-# API_PATH_PREFIXES, whose callers authenticate with API keys, never cookies.
+# cheap hooks inline and skip the page-only ones (sessions, auth, messages, the pages'
+# Content-Security-Policy) for API_PATH_PREFIXES, whose callers authenticate with API keys,
+# never cookies. Django's deploy checks of these classes run on ours (agentplatform.checks).
 MIDDLEWARE = [
     "agentplatform.middleware.PrometheusBeforeMiddleware",
     "agentplatform.middleware.RequestIdMiddleware",
@@ -103,6 +104,7 @@ MIDDLEWARE = [
     "agentplatform.middleware.AuthenticationMiddleware",
     "agentplatform.middleware.MessageMiddleware",
     "agentplatform.middleware.XFrameOptionsMiddleware",
+    "agentplatform.middleware.ContentSecurityPolicyMiddleware",
     "agentplatform.middleware.PrometheusAfterMiddleware",
     "agentplatform.middleware.ApiErrorMiddleware",
 ]
