@@ -1,16 +1,24 @@
 """Settings come from the environment: each scenario starts Django in a subprocess with only
-the variables it names, and prints the settings that matter as JSON. The subprocesses run in
-parallel (Django's start-up is most of their cost)."""
+the variables it names, and prints the settings that matter as JSON (or runs `manage.py check
+--deploy`). The subprocesses run in parallel (Django's start-up is most of their cost). A
+sqlite:// DATABASE_URL is also driven under load through a real daphne server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
+import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+
+from conftest import spawn_daphne, stop_processes, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 INSECURE = "insecure-dev-only-secret-key-change-me"
@@ -214,14 +222,6 @@ print(json.dumps({"key": secret}))
 async def test_a_sqlite_database_url_serves_30_concurrent_budgeted_chats(tmp_path, fake_upstream):
     # Budgets reserve and settle in write transactions: without WAL, a busy timeout and
     # IMMEDIATE transactions, SQLite answers concurrent writers with "database is locked" (500).
-    import asyncio
-    import secrets
-    import time
-
-    import httpx
-
-    from conftest import spawn_daphne, stop_processes, wait_ready
-
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
            "DJANGO_SETTINGS_MODULE": "agentplatform.settings", "DEBUG": "0",
            "SECRET_KEY": secrets.token_urlsafe(50), "VAR_DIR": str(tmp_path / "var"),
@@ -287,8 +287,6 @@ MIDDLEWARE_MISSING = {"security.W001", "security.W002", "security.W003"}
 @pytest.fixture(scope="module")
 def deploy_checks(tmp_path_factory) -> dict[str, tuple[int, set[str], str]]:
     """scenario → (exit code, ids of the messages `manage.py check --deploy` printed, output)."""
-    import re
-
     processes = {}
     for name, variables in DEPLOY_SCENARIOS.items():
         env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
