@@ -30,6 +30,8 @@ from django.contrib.sessions import middleware as sessions_middleware
 from django.middleware import clickjacking, common, csrf, security
 from django_prometheus import middleware as prometheus_middleware
 
+from .csp import SAME_HOST_WEBSOCKETS, same_host_websockets
+
 logger = logging.getLogger("agentplatform.errors")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -110,8 +112,6 @@ class ContentSecurityPolicyMiddleware(PagesOnlyMixin, InlineHooksMixin, csp_midd
     are JSON, never rendered); its hooks do no I/O, so they run inline."""
 
     def get_policy_parts(self, request: Any, response: Any, report_only: bool = False) -> Any:
-        from .csp import SAME_HOST_WEBSOCKETS, same_host_websockets
-
         parts = super().get_policy_parts(request, response, report_only)
         if parts.config and SAME_HOST_WEBSOCKETS in parts.config.get("connect-src", ()):
             sources = [s for s in parts.config["connect-src"] if s != SAME_HOST_WEBSOCKETS]
