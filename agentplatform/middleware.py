@@ -7,7 +7,10 @@ subclasses here keep the Django classes (so the admin's system checks still see 
     token check, Prometheus counters) run inline on the event loop;
   * PagesOnlyMixin: session, auth and messages (which may touch the database) run as
     Django runs them, but only for pages; API paths (settings.API_PATH_PREFIXES) authenticate
-    by API key and skip them entirely.
+    by API key and skip them entirely. So does django-csp's Content-Security-Policy (pages only,
+    inline).
+Django's deploy checks find its middleware by dotted path: agentplatform.checks runs them on
+these subclasses.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ import uuid
 from typing import Any, Callable
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from csp import middleware as csp_middleware
 from django.conf import settings
 from django.contrib.auth import middleware as auth_middleware
 from django.contrib.messages import middleware as messages_middleware
 from django.contrib.sessions import middleware as sessions_middleware
 from django.middleware import clickjacking, common, csrf, security
 from django_prometheus import middleware as prometheus_middleware
+
+from .csp import SAME_HOST_WEBSOCKETS, same_host_websockets
 
 logger = logging.getLogger("agentplatform.errors")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -98,6 +104,19 @@ class XFrameOptionsMiddleware(InlineHooksMixin, clickjacking.XFrameOptionsMiddle
 
 class SessionMiddleware(PagesOnlyMixin, sessions_middleware.SessionMiddleware):
     pass
+
+
+class ContentSecurityPolicyMiddleware(PagesOnlyMixin, InlineHooksMixin, csp_middleware.CSPMiddleware):
+    """django-csp's middleware: writes the policy a page's decorator set (agentplatform.csp), with
+    the request's own ws:/wss: origins in place of SAME_HOST_WEBSOCKETS. Pages only (API answers
+    are JSON, never rendered); its hooks do no I/O, so they run inline."""
+
+    def get_policy_parts(self, request: Any, response: Any, report_only: bool = False) -> Any:
+        parts = super().get_policy_parts(request, response, report_only)
+        if parts.config and SAME_HOST_WEBSOCKETS in parts.config.get("connect-src", ()):
+            sources = [s for s in parts.config["connect-src"] if s != SAME_HOST_WEBSOCKETS]
+            parts.config = {**parts.config, "connect-src": sources + same_host_websockets(request.get_host())}
+        return parts
 
 
 class AuthenticationMiddleware(PagesOnlyMixin, auth_middleware.AuthenticationMiddleware):

@@ -47,8 +47,21 @@ if env.bool("SECURE_PROXY_SSL_HEADER", default=False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 # Behind a load balancer that sets X-Forwarded-For: take the client address (audit, limits) from it.
 TRUST_X_FORWARDED_FOR = env.bool("TRUST_X_FORWARDED_FOR", default=False)
-SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
-CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=False)
+# HTTPS only: plain-HTTP requests are redirected (SecurityMiddleware; behind a TLS-terminating
+# proxy set SECURE_PROXY_SSL_HEADER too, or every request looks plain). The health probes are
+# exempt: load balancers and the Docker healthcheck call them over plain HTTP.
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+SECURE_REDIRECT_EXEMPT = [r"^health(/|$)"]
+# Strict-Transport-Security on HTTPS responses: browsers then refuse plain HTTP to this host for
+# this long. Off by default: once sent it cannot be taken back before it expires.
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+if SECURE_HSTS_SECONDS < 0:
+    raise ImproperlyConfigured("SECURE_HSTS_SECONDS must be >= 0.")
+# The admin's cookies travel over HTTPS only once the site is HTTPS only, unless said otherwise.
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=SECURE_SSL_REDIRECT)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=SECURE_SSL_REDIRECT)
 SESSION_COOKIE_HTTPONLY = True
 # Flash messages live in the session (server side): a new API key shown once in the admin never
 # travels in a cookie.
@@ -79,8 +92,9 @@ INSTALLED_APPS = [
 # Every middleware here is async-capable without a thread hop on the API paths: Django's
 # MiddlewareMixin runs each hook through sync_to_async under ASGI, which funnels every API
 # request through a thread several times. The wrappers in agentplatform.middleware run the
-# cheap hooks inline and skip the page-only ones (sessions, CSRF, auth, messages) for
-# API_PATH_PREFIXES, whose callers authenticate with API keys, never cookies.
+# cheap hooks inline and skip the page-only ones (sessions, auth, messages, the pages'
+# Content-Security-Policy) for API_PATH_PREFIXES, whose callers authenticate with API keys,
+# never cookies. Django's deploy checks of these classes run on ours (agentplatform.checks).
 MIDDLEWARE = [
     "agentplatform.middleware.PrometheusBeforeMiddleware",
     "agentplatform.middleware.RequestIdMiddleware",
@@ -91,6 +105,7 @@ MIDDLEWARE = [
     "agentplatform.middleware.AuthenticationMiddleware",
     "agentplatform.middleware.MessageMiddleware",
     "agentplatform.middleware.XFrameOptionsMiddleware",
+    "agentplatform.middleware.ContentSecurityPolicyMiddleware",
     "agentplatform.middleware.PrometheusAfterMiddleware",
     "agentplatform.middleware.ApiErrorMiddleware",
 ]
@@ -118,11 +133,30 @@ TEMPLATES = [
 ]
 
 # --- Database -------------------------------------------------------------------------
-# Unset: SQLite in var/ (WAL, so readers never wait for the writer). Set: PostgreSQL via
-# psycopg 3 with its connection pool. Under ASGI every request runs its sync ORM work in a
-# thread of its own, so Django's CONN_MAX_AGE would strand a connection per thread; the
-# pool keeps connections persistent across requests instead.
+# Unset: SQLite in var/. Set: PostgreSQL via psycopg 3 with its connection pool, or SQLite at
+# the URL's path. Under ASGI every request runs its sync ORM work in a thread of its own, so
+# Django's CONN_MAX_AGE would strand a connection per thread; the pool keeps connections
+# persistent across requests instead.
 DATABASE_URL = env.str("DATABASE_URL", default="")
+
+
+def _sqlite_options(database: dict) -> dict:
+    """The options every SQLite database gets, the embedded default's or a sqlite:// URL's.
+
+    WAL, so readers never wait for the writer; a busy timeout, so a writer waits for the lock
+    instead of failing; IMMEDIATE transactions, so a transaction takes the write lock when it
+    begins (a deferred one that reads, then writes, fails at once with "database is locked"
+    when another writer holds it: busy_timeout cannot help there); persistent connections, kept
+    by the chat path's database threads (agentplatform.db). Options the URL names win.
+    """
+    options = {
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000;",
+        "transaction_mode": "IMMEDIATE",
+        **database.get("OPTIONS", {}),
+    }
+    return {**database, "CONN_MAX_AGE": None, "OPTIONS": options}
+
+
 if DATABASE_URL:
     DATABASES = {"default": env.db_url_config(DATABASE_URL)}
     if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
@@ -134,18 +168,9 @@ if DATABASE_URL:
         }
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
-    DATABASES = {
-        "default": {
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": VAR_DIR / "db.sqlite3",
-            # Persistent: the chat path's database threads (agentplatform.db) keep theirs.
-            "CONN_MAX_AGE": None,
-            "OPTIONS": {
-                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000;",
-                "transaction_mode": "IMMEDIATE",
-            },
-        }
-    }
+    DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": VAR_DIR / "db.sqlite3"}}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"] = _sqlite_options(DATABASES["default"])
 # Tests on SQLite use a file, not Django's shared in-memory database: that one refuses
 # concurrent writers (table locks, no busy timeout) where the chat path's database threads write
 # concurrently by design, as they do on the file database in production.

@@ -37,6 +37,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from agentplatform.asyncviews import client_ip
+from agentplatform.csp import websocket_page_csp
 from agentplatform.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 from governance.audit import audit_record, user_actor
 
@@ -85,8 +86,9 @@ def _console_page(request: HttpRequest, agent: str | None = None) -> HttpRespons
     return render(request, "console/chat.html", context)
 
 
-# admin_view: staff only (others go to the admin's login page, with ?next=), never cached.
-console_page = admin.site.admin_view(_console_page)
+# admin_view: staff only (others go to the admin's login page, with ?next=), never cached. The
+# page's scripts are static files; they connect to this site and its WebSocket only.
+console_page = admin.site.admin_view(websocket_page_csp(_console_page))
 
 
 # --- the JSON endpoints ---------------------------------------------------------------------

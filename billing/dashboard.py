@@ -9,8 +9,9 @@ Spend per day, by agent, by model and by key, the top consumers (key × agent) a
 budget's current period with its burn-down and projected end-of-period spend. Each chart has
 its table beside it; the tables are rendered here, the charts by static/billing/dashboard.js
 (Chart.js vendored under static/vendor/) from data passed with json_script, so the page needs
-no inline script. Usage is read through billing.rollups (daily rollups + today's records, exact);
-budgets through billing.reports. Bad parameters get a 400 with the reasons on the page (or as
+no inline script (its Content-Security-Policy, agentplatform.csp, allows none). Usage is read
+through billing.rollups (daily rollups + today's records, exact); budgets through
+billing.reports. Bad parameters get a 400 with the reasons on the page (or as
 text for CSV), never a 500.
 """
 
@@ -30,6 +31,8 @@ from django.utils import timezone
 from django.utils.dateparse import parse_date
 from django.utils.http import urlencode
 from django.views.decorators.http import require_safe
+
+from agentplatform.csp import page_csp
 
 from .models import ModelPrice
 from .reports import Plans, budget_rows, burndown, money, percent, to_csv
@@ -254,6 +257,7 @@ def _page(request: HttpRequest, context: dict, status: int = 200) -> TemplateRes
 
 
 @require_safe
+@page_csp
 def dashboard_view(request: HttpRequest) -> HttpResponse:
     if not request.user.has_perm(PERMISSION):
         raise PermissionDenied("The cost dashboard needs the permission to view usage records.")

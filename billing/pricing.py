@@ -39,6 +39,7 @@ COST_QUANTUM = Decimal("0.00000001")
 
 # Models on our own hardware: free unless a row says otherwise (the seed has "local/*" too, but
 # a database without the seed, e.g. a flushed test database, must not bill them at the default).
+# local/demo has such a row: a labelled demo price (migration 0005), so the demo shows figures.
 FREE_PROVIDERS = ("local",)
 
 

@@ -208,6 +208,24 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None,
 
 
 
+def csp_directives(header: str) -> dict[str, list[str]]:
+    """A Content-Security-Policy header as directive -> sources."""
+    directives = {}
+    for part in header.split(";"):
+        name, *sources = part.split()
+        assert name not in directives, f"{name} appears twice in {header!r}"
+        directives[name] = sources
+    return directives
+
+
+# Every page of ours allows its own files only: no inline script or style, no eval, no frames.
+PAGE_CSP = {
+    "default-src": ["'self'"], "script-src": ["'self'"], "style-src": ["'self'"], "img-src": ["'self'", "data:"],
+    "connect-src": ["'self'"], "object-src": ["'none'"], "base-uri": ["'self'"], "form-action": ["'self'"],
+    "frame-ancestors": ["'none'"],
+}
+
+
 # --- a client that hangs up mid-stream -----------------------------------------------------
 
 
@@ -344,6 +362,14 @@ def chromium():
             yield browser
         finally:
             browser.close()
+
+
+def watch_csp_violations(page, problems: list[str]) -> None:
+    """Every Content-Security-Policy violation on any page of `page` becomes a problem (the
+    browser also logs them as console errors; the event says which directive refused what)."""
+    page.expose_function("__reportCspViolation", lambda v: problems.append(f"CSP violation: {v}"))
+    page.add_init_script("""document.addEventListener("securitypolicyviolation", e => window.__reportCspViolation(
+        `${e.effectiveDirective} refused ${e.blockedURI || "inline"} at ${e.sourceFile}:${e.lineNumber}`));""")
 
 
 def artifact_path(name: str) -> Path:

@@ -443,3 +443,17 @@ def test_it_revokes_selected_keys(admin_client, data):
     assert list(revoked) == [data.api_key]
     active = admin_client.get(url, {"status": "active"}).context["cl"].result_list
     assert list(active) == [other]
+
+
+def test_the_price_list_labels_the_demo_models_price_as_a_demo_price(admin_client, db):
+    import importlib
+
+    from django.apps import apps
+
+    # What migration 0005 seeded (a transactional test elsewhere may have flushed it).
+    importlib.import_module("billing.migrations.0005_seed_demo_price").seed(apps, None)
+
+    html = admin_client.get("/admin/billing/modelprice/", {"q": "local/demo"}).content.decode()
+
+    assert "local/demo" in html
+    assert "DEMO PRICE, not a real cost: local/demo runs offline for free." in html

@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from agents.models import Agent, Message, Run, Session
 from billing.models import UsageRecord
+from conftest import PAGE_CSP, csp_directives
 from conftest import error_body as json_error
 from governance.models import AuditLog
 
@@ -130,6 +131,22 @@ def test_it_renders_the_console_for_staff_with_enabled_agents_only(staff_client,
     assert not re.search(r'(src|href)="(https?:)?//', html)
     scripts = re.findall(r"<script([^>]*)>", html)
     assert all("src=" in attrs or 'type="application/json"' in attrs for attrs in scripts), scripts
+
+
+def test_the_console_page_allows_its_own_files_and_websocket_only(staff_client, agent, settings):
+    settings.ALLOWED_HOSTS = ["agents.example.com"]
+
+    response = staff_client.get("/console/helper/", HTTP_HOST="agents.example.com:8443")
+
+    assert response.status_code == 200
+    assert csp_directives(response["Content-Security-Policy"]) == {
+        **PAGE_CSP,
+        "connect-src": ["'self'", "ws://agents.example.com:8443", "wss://agents.example.com:8443"]}
+
+
+def test_the_consoles_json_and_the_api_carry_no_page_policy(staff_client, agent, make_key):
+    assert "Content-Security-Policy" not in staff_client.get("/console/api/agents")
+    assert "Content-Security-Policy" not in staff_client.get("/api/v1/agents", HTTP_AUTHORIZATION=f"Bearer {make_key()}")
 
 
 def test_it_keeps_markup_out_of_the_pages_data(staff_client, make_agent):

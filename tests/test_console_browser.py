@@ -2,7 +2,8 @@
 real daphne server (its own SQLite file, DEBUG off) whose agent answers through the fake OpenAI
 upstream. A staff user signs in to the admin, follows the "Chat console" link, chats (a tool
 call, a slowly streamed reply, a cancelled one, a failing one), rates an answer, reopens the
-session from the sidebar and continues it. The screenshot is kept as a test artifact (console.png)."""
+session from the sidebar and continues it, all under the page's Content-Security-Policy with
+no violation. The screenshot is kept as a test artifact (console.png)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, artifact_path, spawn_daphne, stop_processes, wait_ready
+from conftest import (PAGE_CSP, ROOT, artifact_path, csp_directives, spawn_daphne, stop_processes, wait_ready,
+                      watch_csp_violations)
 
 pytestmark = pytest.mark.slow
 
@@ -96,14 +98,19 @@ def test_a_staff_user_chats_in_the_console(chromium, server):
             if r.status >= 400 and not r.url.endswith("/favicon.ico") else None)
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
             if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
+    watch_csp_violations(page, problems)
     try:
         # Sign in to the admin with its own form, then follow the link to the console.
         page.goto(f"{server.url}/admin/")
         page.fill("#id_username", "staff")
         page.fill("#id_password", server.password)
         page.click("input[type=submit]")
-        page.get_by_role("link", name="Chat console").click()
+        with page.expect_response(f"{server.url}/console/") as console_response:
+            page.get_by_role("link", name="Chat console").click()
         page.wait_for_url(f"{server.url}/console/")
+        host = server.url.split("://", 1)[1]
+        assert csp_directives(console_response.value.headers["content-security-policy"]) == {
+            **PAGE_CSP, "connect-src": ["'self'", f"ws://{host}", f"wss://{host}"]}
 
         page.select_option("#cc-agent", "assistant")
         expect(page.locator("#cc-status")).to_have_attribute("data-state", "open")  # the `ready` frame came

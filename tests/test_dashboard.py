@@ -24,6 +24,7 @@ from billing.budgets import budget_create, period_start
 from billing.models import Budget, BudgetSpend, UsageRecord
 from billing.reports import BudgetRow, Plans, budget_rows, burndown
 from billing.rollups import rollup_pending_days
+from conftest import PAGE_CSP, csp_directives
 from governance.services import api_key_create
 
 pytestmark = pytest.mark.django_db
@@ -115,6 +116,12 @@ def test_it_shows_the_spend_per_day_agent_model_and_key(staff, usage):
     assert '/static/vendor/chartjs/chart.umd.min.js' in html and "http://" not in html.split("<body")[0].replace(
         "http://www.w3.org", "")
     assert f"{usage['yesterday']} ".strip() in html
+
+
+def test_the_dashboard_and_its_400_page_allow_their_own_files_only(staff, usage):
+    for response in (staff.get(URL), staff.get(URL, {"from": "someday"})):
+        assert response.status_code in (200, 400)
+        assert csp_directives(response["Content-Security-Policy"]) == PAGE_CSP
 
 
 def test_the_chart_library_is_vendored(client, usage):

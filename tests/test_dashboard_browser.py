@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, artifact_path, spawn_daphne, stop_processes, wait_ready
+from conftest import (PAGE_CSP, ROOT, artifact_path, csp_directives, spawn_daphne, stop_processes, wait_ready,
+                      watch_csp_violations)
 
 pytestmark = pytest.mark.slow
 
@@ -132,13 +133,16 @@ def test_the_dashboard_renders_in_a_browser(server, chromium):
             if message.type == "error" and not message.text.startswith("Failed to load resource") else None)
     page.on("response", lambda response: failed.append(f"{response.status} {response.url}")
             if response.status >= 400 else None)
+    watch_csp_violations(page, script_errors)
     try:
         page.goto(f"{server['url']}/admin/billing/dashboard/")
         assert "/admin/login/" in page.url  # staff only: the admin's login page first
         page.fill("#id_username", "boss")
         page.fill("#id_password", server["password"])
-        page.click("input[type=submit]")
+        with page.expect_response(f"{server['url']}/admin/billing/dashboard/") as dashboard_response:
+            page.click("input[type=submit]")
         page.wait_for_url("**/admin/billing/dashboard/", timeout=15_000)
+        assert csp_directives(dashboard_response.value.headers["content-security-policy"]) == PAGE_CSP
 
         charts = charts_ready(page)
         assert charts == 4 + 2  # per day, agent, model, key; two budgets' burn-downs

@@ -43,6 +43,22 @@ def records() -> list[UsageRecord]:
     return list(UsageRecord.objects.order_by("id"))
 
 
+def seed_migration(name: str):
+    """A data migration's module, its seed() run on the current models (a transactional test
+    flushes what the migrations seeded, so tests that need it seed it again)."""
+    import importlib
+
+    from django.apps import apps
+
+    migration = importlib.import_module(f"billing.migrations.{name}")
+    migration.seed(apps, None)
+    return migration
+
+
+def seed_demo_price() -> None:
+    seed_migration("0005_seed_demo_price")
+
+
 # --- arithmetic ---------------------------------------------------------------------------
 
 
@@ -109,18 +125,67 @@ def test_it_seeds_list_prices_reversibly(db):
     assert not ModelPrice.objects.exists()
 
 
+def test_it_seeds_a_demo_price_for_the_demo_model_labelled_as_such_reversibly(db):
+    ModelPrice.objects.all().delete()
+    list_prices = seed_migration("0002_seed_model_prices")
+    seed_migration("0005_seed_demo_price")
+    demo = seed_migration("0005_seed_demo_price")  # twice: no duplicates
+
+    [row] = ModelPrice.objects.filter(model="local/demo")
+    assert (row.input_per_1m, row.output_per_1m, row.cached_input_per_1m) == (Decimal("2"), Decimal("8"), None)
+    assert row.source.startswith("DEMO PRICE, not a real cost")  # what the admin's price list shows
+    assert row.effective_from == datetime(2025, 1, 1, tzinfo=dt_timezone.utc)
+    priced = price_for("local/demo")
+    assert (priced.input_per_1m, priced.output_per_1m, priced.priced) == (Decimal("2"), Decimal("8"), True)
+    other = price_for("local/other")  # every other local model stays free
+    assert (other.input_per_1m, other.output_per_1m, other.priced) == (0, 0, True)
+
+    from django.apps import apps
+
+    demo.unseed(apps, None)
+    assert not ModelPrice.objects.filter(model="local/demo").exists()
+    assert ModelPrice.objects.count() == len(json.loads(list_prices.DATA.read_text())["prices"])
+
+
+def test_the_demo_price_leaves_an_admins_own_price_alone(db):
+    ModelPrice.objects.filter(model="local/demo").delete()
+    mine = ModelPrice.objects.create(model="local/demo", input_per_1m=0, output_per_1m=0, source="admin",
+                                     effective_from=datetime(2025, 1, 1, tzinfo=dt_timezone.utc))
+    seed_demo_price()
+
+    assert list(ModelPrice.objects.filter(model="local/demo")) == [mine]
+    assert price_for("local/demo").output_per_1m == 0
+
+
 # --- metering through the pipeline --------------------------------------------------------
 
 
 async def test_it_meters_a_local_batch_request_at_zero_cost(make_agent, key):
-    await orm(make_agent, name="demo")
-    body = (await Api(key).post(CHAT.format("demo"), {"message": "hello there"})).json()
+    # Any local model but the demo's (which has a demo price): no row of its own, so local/* (0).
+    await orm(make_agent, name="free", model="local/free")
+    body = (await Api(key).post(CHAT.format("free"), {"message": "hello there"})).json()
 
     assert body["cost_usd"] == "0.00000000"
     [record] = await orm(records)
-    assert record.model == "local/demo" and record.cost_usd == 0 and record.priced
+    assert record.model == "local/free" and record.cost_usd == 0 and record.priced
     assert record.prompt_tokens == body["usage"]["prompt_tokens"]
     assert str(record.run_id) == body["id"] and str(record.session_id) == body["session_id"]
+
+
+async def test_the_demo_model_costs_its_demo_price_so_budgets_show_spend(make_agent, key):
+    from billing.budgets import budget_create
+
+    await orm(seed_demo_price)
+    await orm(make_agent, name="demo")  # local/demo, as seed_demo's agents
+    budget = await orm(budget_create, scope="global", period="month", limit_usd=Decimal("1"))
+    body = (await Api(key).post(CHAT.format("demo"), {"message": "hello there"})).json()
+
+    cost = Decimal(body["cost_usd"])
+    assert cost == expected(body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"], "2", "8") > 0
+    [record] = await orm(records)
+    assert record.model == "local/demo" and record.cost_usd == cost and record.priced
+    [shown] = (await Api(key).get("/api/v1/budgets")).json()["budgets"]
+    assert shown["id"] == budget.id and Decimal(shown["spent_usd"]) == cost
 
 
 async def test_it_meters_an_openai_call_at_its_exact_price(make_agent, key, openai_settings):
