@@ -43,7 +43,6 @@ print(json.dumps({
     "max_request_bytes": s.MAX_REQUEST_BYTES,
     "upload_limit": s.DATA_UPLOAD_MAX_MEMORY_SIZE,
     "private_networks": [str(n) for n in s.HTTP_FETCH_ALLOW_PRIVATE_NETWORKS],
-
     "https": {name: getattr(s, name) for name in (
         "SECURE_SSL_REDIRECT", "SECURE_HSTS_SECONDS", "SECURE_HSTS_INCLUDE_SUBDOMAINS", "SECURE_HSTS_PRELOAD",
         "SESSION_COOKIE_SECURE", "CSRF_COOKIE_SECURE")},
