@@ -24,7 +24,10 @@ from django.contrib.auth import middleware as auth_middleware
 from django.contrib.messages import middleware as messages_middleware
 from django.contrib.sessions import middleware as sessions_middleware
 from django.middleware import clickjacking, common, csrf, security
+from django.utils.deprecation import MiddlewareMixin
 from django_prometheus import middleware as prometheus_middleware
+
+from .methods import answer_methods, view_methods
 
 logger = logging.getLogger("agentplatform.errors")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -94,6 +97,16 @@ class CsrfViewMiddleware(InlineHooksMixin, csrf.CsrfViewMiddleware):
 
 class XFrameOptionsMiddleware(InlineHooksMixin, clickjacking.XFrameOptionsMiddleware):
     pass
+
+
+class HttpMethodsMiddleware(InlineHooksMixin, MiddlewareMixin):
+    """OPTIONS → 204 with Allow; a method the resolved view does not answer → 405 JSON with
+    Allow (agentplatform.methods). A view hook: it runs once the URL is resolved, before CSRF
+    (list it above CsrfViewMiddleware) and before the view authenticates. CORS preflights are
+    answered earlier still, by corsheaders' middleware."""
+
+    def process_view(self, request: Any, view_func: Callable, view_args: Any, view_kwargs: Any) -> Any:
+        return answer_methods(request, view_methods(view_func))
 
 
 class SessionMiddleware(PagesOnlyMixin, sessions_middleware.SessionMiddleware):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from django.conf import settings
 from rest_framework import serializers
 
+from agentplatform.serializers import StrictSerializer
+
 from .models import Message, Session
 
 
@@ -134,16 +136,10 @@ class SessionDetailSerializer(SessionSerializer):
         fields = SessionSerializer.Meta.fields + ["messages"]
 
 
-class SessionCreateSerializer(serializers.Serializer):
+class SessionCreateSerializer(StrictSerializer):
     agent = serializers.CharField(help_text="The agent's name.")
     id = serializers.UUIDField(required=False, help_text="Choose the session's id (default: a new UUID).")
     title = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")
     metadata = serializers.DictField(required=False, default=dict)
-
-    def validate(self, attrs: dict) -> dict:
-        unknown = set(self.initial_data) - set(self.fields)
-        if unknown:
-            raise serializers.ValidationError({sorted(unknown)[0]: "Unknown field."})
-        return attrs
 
 

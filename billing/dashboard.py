@@ -29,7 +29,8 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.dateparse import parse_date
 from django.utils.http import urlencode
-from django.views.decorators.http import require_safe
+
+from agentplatform.methods import http_methods
 
 from .models import ModelPrice
 from .reports import Plans, budget_rows, burndown, money, percent, to_csv
@@ -253,7 +254,7 @@ def _page(request: HttpRequest, context: dict, status: int = 200) -> TemplateRes
     return TemplateResponse(request, "admin/billing/dashboard.html", {**base, **context}, status=status)
 
 
-@require_safe
+@http_methods("GET")
 def dashboard_view(request: HttpRequest) -> HttpResponse:
     if not request.user.has_perm(PERMISSION):
         raise PermissionDenied("The cost dashboard needs the permission to view usage records.")
