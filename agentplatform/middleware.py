@@ -182,6 +182,39 @@ class RequestIdMiddleware:
         return response
 
 
+class UrlTextMiddleware:
+    """A path or query string holding a NUL character (`%00`) gets 400 before any view reads it:
+    no field accepts one, and PostgreSQL cannot even compare it (psycopg refuses the query, a
+    500 after a view passed it to a filter). JSON bodies are checked by agentplatform.jsonparse."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+
+    @staticmethod
+    def _refusal(request: Any) -> Any:
+        query = request.META.get("QUERY_STRING", "")
+        if "\x00" not in request.path and "%00" not in query and "\x00" not in query:
+            return None
+        from .errors import InvalidRequest, error_response
+
+        return error_response(InvalidRequest("The URL holds a NUL character (%00), which no parameter accepts.",
+                                             code="invalid_url"), request)
+
+    def __call__(self, request: Any) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        return self._refusal(request) or self.get_response(request)
+
+    async def __acall__(self, request: Any) -> Any:
+        return self._refusal(request) or await self.get_response(request)
+
+
 class BodySizeLimitASGI:
     """ASGI wrapper: refuse bodies over MAX_REQUEST_BYTES with 413 before Django reads them.
 

@@ -93,6 +93,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "agentplatform.middleware.PrometheusBeforeMiddleware",
     "agentplatform.middleware.RequestIdMiddleware",
+    "agentplatform.middleware.UrlTextMiddleware",
     # Before anything that can refuse: a preflight is answered without a key.
     "corsheaders.middleware.CorsMiddleware",
     "agentplatform.middleware.SecurityMiddleware",

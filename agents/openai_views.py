@@ -109,7 +109,7 @@ def validate_chat_completion(body: dict) -> dict:
         where = f"messages[{index}]"
         if not isinstance(m, dict):
             raise _invalid(where, "Must be an object.")
-        if m.get("role") not in _ROLES:
+        if not isinstance(m.get("role"), str) or m["role"] not in _ROLES:  # {} is unhashable: a TypeError
             raise _invalid(f"{where}.role", f"Must be one of {', '.join(sorted(_ROLES))}.")
         content = m.get("content")
         if content is None or isinstance(content, str):

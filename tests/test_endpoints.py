@@ -154,6 +154,7 @@ async def test_no_origin_is_allowed_by_default(demo, settings):
     pytest.param('{"agent": "demo", "metadata": 1e999}', id="overflow-top"),
     pytest.param('{"agent": "demo", "metadata": {"a": 1e999}}', id="overflow"),
     pytest.param('{"agent": "demo", "title": "\\ud800"}', id="lone-surrogate"),
+    pytest.param('{"agent": "demo", "metadata": {"note": "a\\u0000b"}}', id="nul"),
     pytest.param('{"agent": "demo", "metadata": ' + "[" * 100 + "]" * 100 + "}", id="deep"),
     pytest.param('{"agent": "demo", "metadata": ' + "[" * 100_000 + "]" * 100_000 + "}", id="very-deep"),
 ])
@@ -183,6 +184,28 @@ def test_session_create_says_exists_only_for_a_taken_id(make_agent):
     with pytest.raises(DatabaseError) as info:
         session_create(agent_id=agent.id, principal=principal, metadata={"a": float("inf")})
     assert not isinstance(info.value, Conflict)
+
+
+@pytest.mark.parametrize("path", ["/api/v1/agents?q=%00", "/api/v1/sessions?agent=a%00", "/api/v1/agents/a%00b",
+                                  "/api/v1/flags?agent=%00", "/v1/models/%00"])
+async def test_a_nul_character_in_the_url_is_a_400(demo, admin, path):
+    # PostgreSQL cannot compare text with NUL: psycopg refused the query, a 500 (found by schemathesis).
+    assert_error(await Api(admin).get(path), 400, "invalid_url")
+
+
+async def test_a_message_role_that_is_not_a_string_is_a_400(demo, admin):
+    # Found by schemathesis: {"role": {}} was a TypeError (unhashable) 500.
+    body = {"model": "demo", "messages": [{"role": {}, "content": "hi"}]}
+    assert_error(await Api(admin).post(COMPLETIONS, body), 400, "invalid_field", param="messages[0].role")
+
+
+async def test_the_prices_list_is_documented_as_it_answers(admin):
+    # Found by schemathesis: the schema said a bare array, the answer is {"data": [...]}.
+    schema = (await Api(admin).get("/api/schema/", params={"format": "json"})).json()
+    response = schema["paths"]["/api/v1/admin/prices"]["get"]["responses"]["200"]["content"]["application/json"]
+    ref = response["schema"]["$ref"].rsplit("/", 1)[-1]
+    assert schema["components"]["schemas"][ref]["properties"]["data"]["type"] == "array"
+    assert list((await Api(admin).get("/api/v1/admin/prices")).json()) == ["data"]
 
 
 # --- integers within their columns, dates within range -------------------------------------
