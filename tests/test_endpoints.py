@@ -187,7 +187,8 @@ def test_session_create_says_exists_only_for_a_taken_id(make_agent):
 
 
 @pytest.mark.parametrize("path", ["/api/v1/agents?q=%00", "/api/v1/sessions?agent=a%00", "/api/v1/agents/a%00b",
-                                  "/api/v1/flags?agent=%00", "/v1/models/%00"])
+                                  "/api/v1/flags?agent=%00", "/v1/models/%00", "/admin/billing/dashboard/?model=a%00",
+                                  "/admin/agents/agent/?q=%00"])
 async def test_a_nul_character_in_the_url_is_a_400(demo, admin, path):
     # PostgreSQL cannot compare text with NUL: psycopg refused the query, a 500 (found by schemathesis).
     assert_error(await Api(admin).get(path), 400, "invalid_url")
