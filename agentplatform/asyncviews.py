@@ -21,13 +21,13 @@ from rest_framework.views import APIView
 from .errors import (
     AuthenticationFailed,
     InvalidRequest,
-    MethodNotAllowed,
     UnsupportedMediaType,
     error_response,
     internal_error,
     platform_error_from,
 )
 from .jsonparse import loads_strict
+from .methods import answer_methods, view_methods
 
 logger = logging.getLogger("agentplatform.views")
 
@@ -73,11 +73,13 @@ class AsyncAPIView(APIView):
         async def view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
             self = cls(**initkwargs)
             self.request, self.args, self.kwargs = request, args, kwargs
-            handler = getattr(self, request.method.lower(), None) if request.method else None
             try:
-                if handler is None or request.method.lower() not in self.http_method_names:
-                    raise MethodNotAllowed(f"Method {request.method} is not allowed here.")
-                return await handler(request, *args, **kwargs)
+                # HttpMethodsMiddleware answers these first; here for callers without it.
+                refused = answer_methods(request, view_methods(view))
+                if refused is not None:
+                    return refused
+                name = "get" if request.method == "HEAD" and not hasattr(self, "head") else request.method.lower()
+                return await getattr(self, name)(request, *args, **kwargs)
             except Exception as exc:  # one JSON error shape, never a traceback
                 err = platform_error_from(exc)
                 if err is None:

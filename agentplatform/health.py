@@ -18,10 +18,12 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from .db import run_db
 from .errors import AuthenticationFailed, PermissionDenied, error_response
+from .methods import http_methods
 
 CHECK_TIMEOUT = 3.0
 
 
+@http_methods("GET")
 async def liveness(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
@@ -85,6 +87,7 @@ async def _run(name: str, check) -> tuple[str, dict]:
     return name, result
 
 
+@http_methods("GET")
 async def readiness(request: HttpRequest) -> JsonResponse:
     checks = dict(await asyncio.gather(
         _run("database", _check_database), _run("cache", _check_cache),
@@ -93,6 +96,7 @@ async def readiness(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
 
 
+@http_methods("GET")
 async def metrics(request: HttpRequest) -> HttpResponse:
     from governance.selectors import presented_key
 

@@ -6,6 +6,8 @@ can store or handle:
     inf: PostgreSQL's jsonb refuses them when the row is written, i.e. after the work was done;
   * lone surrogates (`"\\ud800"`): valid JSON escapes, but no UTF-8 encoder can write them
     (database, upstream HTTP, logs);
+  * NUL characters (`"\\u0000"`): PostgreSQL's text and jsonb cannot hold them (SQLite can, so
+    refusing them here keeps both databases answering alike);
   * nesting as deep as the C stack allows, then a RecursionError; code that walks the data
     recursively later fails the same way at a smaller depth.
 `loads_strict` refuses all of them with one 400 `invalid_json`, so no later layer sees them.
@@ -21,8 +23,9 @@ from typing import Any
 from .errors import InvalidRequest
 
 MAX_DEPTH = 64
-# After decoding, a surrogate code point can only be a lone one: json joins valid pairs.
-_SURROGATE = re.compile("[\ud800-\udfff]")
+# NUL, and surrogates: after decoding, a surrogate code point can only be a lone one (json
+# joins valid pairs).
+_REFUSED_CHARS = re.compile("[\x00\ud800-\udfff]")
 
 
 class _Refused(ValueError):
@@ -46,7 +49,10 @@ def _check(data: Any) -> None:
     while stack:
         value, depth = stack.pop()
         if isinstance(value, str):
-            if not value.isascii() and _SURROGATE.search(value):
+            found = _REFUSED_CHARS.search(value) if "\x00" in value or not value.isascii() else None
+            if found and found.group() == "\x00":
+                raise _Refused("a string holds a NUL character (\\u0000)")
+            if found:
                 raise _Refused("a string holds a lone surrogate (\\ud800-\\udfff) that is not text")
         elif isinstance(value, (dict, list)):
             if depth > MAX_DEPTH:

@@ -28,9 +28,11 @@ from django.contrib.auth import middleware as auth_middleware
 from django.contrib.messages import middleware as messages_middleware
 from django.contrib.sessions import middleware as sessions_middleware
 from django.middleware import clickjacking, common, csrf, security
+from django.utils.deprecation import MiddlewareMixin
 from django_prometheus import middleware as prometheus_middleware
 
 from .csp import SAME_HOST_WEBSOCKETS, same_host_websockets
+from .methods import answer_methods, view_methods
 
 logger = logging.getLogger("agentplatform.errors")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -100,6 +102,16 @@ class CsrfViewMiddleware(InlineHooksMixin, csrf.CsrfViewMiddleware):
 
 class XFrameOptionsMiddleware(InlineHooksMixin, clickjacking.XFrameOptionsMiddleware):
     pass
+
+
+class HttpMethodsMiddleware(InlineHooksMixin, MiddlewareMixin):
+    """OPTIONS → 204 with Allow; a method the resolved view does not answer → 405 JSON with
+    Allow (agentplatform.methods). A view hook: it runs once the URL is resolved, before CSRF
+    (list it above CsrfViewMiddleware) and before the view authenticates. CORS preflights are
+    answered earlier still, by corsheaders' middleware."""
+
+    def process_view(self, request: Any, view_func: Callable, view_args: Any, view_kwargs: Any) -> Any:
+        return answer_methods(request, view_methods(view_func))
 
 
 class SessionMiddleware(PagesOnlyMixin, sessions_middleware.SessionMiddleware):
@@ -186,6 +198,39 @@ class RequestIdMiddleware:
         response = await self.get_response(request)
         response["X-Request-ID"] = request_id
         return response
+
+
+class UrlTextMiddleware:
+    """A path or query string holding a NUL character (`%00`) gets 400 before any view reads it:
+    no field accepts one, and PostgreSQL cannot even compare it (psycopg refuses the query, a
+    500 after a view passed it to a filter). JSON bodies are checked by agentplatform.jsonparse."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+
+    @staticmethod
+    def _refusal(request: Any) -> Any:
+        query = request.META.get("QUERY_STRING", "")
+        if "\x00" not in request.path and "%00" not in query and "\x00" not in query:
+            return None
+        from .errors import InvalidRequest, error_response
+
+        return error_response(InvalidRequest("The URL holds a NUL character (%00), which no parameter accepts.",
+                                             code="invalid_url"), request)
+
+    def __call__(self, request: Any) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        return self._refusal(request) or self.get_response(request)
+
+    async def __acall__(self, request: Any) -> Any:
+        return self._refusal(request) or await self.get_response(request)
 
 
 class BodySizeLimitASGI:

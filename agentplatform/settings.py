@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from pathlib import Path
 
 import environ
 from celery.schedules import crontab as _crontab
+from corsheaders.defaults import default_headers as _cors_default_headers
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -42,6 +44,13 @@ if not SECRET_KEY or SECRET_KEY == INSECURE_DEFAULT_SECRET:
 
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+# Cross-origin browser access (django-cors-headers) to /v1/ and /api/: none unless listed.
+# Keys, never cookies, authenticate cross-origin calls (no CORS_ALLOW_CREDENTIALS).
+CORS_ALLOWED_ORIGINS = env.list("CORS_ALLOWED_ORIGINS", default=[])
+for _origin in CORS_ALLOWED_ORIGINS:
+    if not re.fullmatch(r"https?://[^/\s?#]+", _origin):
+        raise ImproperlyConfigured(f"CORS_ALLOWED_ORIGINS: {_origin!r} is not an origin such as https://app.example.com "
+                                   "(scheme and host[:port], no path).")
 # Behind a TLS-terminating load balancer set this so request.is_secure() is right.
 if env.bool("SECURE_PROXY_SSL_HEADER", default=False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
@@ -78,6 +87,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django.contrib.postgres",
+    "corsheaders",
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -98,9 +108,14 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "agentplatform.middleware.PrometheusBeforeMiddleware",
     "agentplatform.middleware.RequestIdMiddleware",
+    "agentplatform.middleware.UrlTextMiddleware",
+    # Before anything that can refuse: a preflight is answered without a key.
+    "corsheaders.middleware.CorsMiddleware",
     "agentplatform.middleware.SecurityMiddleware",
     "agentplatform.middleware.SessionMiddleware",
     "agentplatform.middleware.CommonMiddleware",
+    # A view hook before CSRF's: OPTIONS and methods a view does not answer never reach CSRF.
+    "agentplatform.middleware.HttpMethodsMiddleware",
     "agentplatform.middleware.CsrfViewMiddleware",
     "agentplatform.middleware.AuthenticationMiddleware",
     "agentplatform.middleware.MessageMiddleware",
@@ -110,6 +125,14 @@ MIDDLEWARE = [
     "agentplatform.middleware.ApiErrorMiddleware",
 ]
 API_PATH_PREFIXES = ("/api/", "/v1/", "/health", "/metrics")
+CORS_URLS_REGEX = r"^/(api|v1)/"
+CORS_ALLOW_HEADERS = (*_cors_default_headers, "idempotency-key", "x-request-id")
+# What a browser app may read: rate limits (governance.ratelimit), the request id, replays.
+CORS_EXPOSE_HEADERS = (
+    "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+    "X-RateLimit-Limit-Tokens", "X-RateLimit-Remaining-Tokens", "X-RateLimit-Reset-Tokens",
+    "X-Request-ID", "Retry-After", "Idempotent-Replayed",
+)
 # Under /api/ but read by staff in a browser: these keep sessions (the docs page, its schema).
 API_PATHS_WITH_SESSION = ("/api/docs", "/api/schema")
 
@@ -346,7 +369,8 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["governance.authentication.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["governance.permissions.HasApiKey"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # agentplatform.jsonparse's rules: NaN, Infinity, 1e999, lone surrogates, deep nesting → 400.
+    "DEFAULT_PARSER_CLASSES": ["agentplatform.parsers.StrictJSONParser"],
     "DEFAULT_PAGINATION_CLASS": "agentplatform.pagination.Pagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "agentplatform.errors.drf_exception_handler",

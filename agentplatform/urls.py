@@ -10,13 +10,15 @@ from agents import console, openai_views, views
 from billing.dashboard import dashboard_view
 from governance.authentication import ApiKeyAuthentication
 
-from . import health
+from . import health, pages
 from .docs import StaffOrApiKey
 
 docs_auth = {"authentication_classes": [SessionAuthentication, ApiKeyAuthentication],
              "permission_classes": [StaffOrApiKey]}
 
 urlpatterns = [
+    path("", pages.home, name="home"),
+    path("favicon.ico", pages.favicon, name="favicon"),
     path("health", health.liveness, name="health"),
     path("health/ready", health.readiness, name="health-ready"),
     path("metrics", health.metrics, name="metrics"),

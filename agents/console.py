@@ -39,6 +39,7 @@ from rest_framework.views import APIView
 from agentplatform.asyncviews import client_ip
 from agentplatform.csp import websocket_page_csp
 from agentplatform.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
+from agentplatform.methods import http_methods
 from governance.audit import audit_record, user_actor
 
 from .models import Agent, Message, Run, Session
@@ -61,6 +62,7 @@ def enabled_agents() -> list[dict]:
     return [_agent_payload(a) for a in Agent.objects.filter(enabled=True).prefetch_related("skills").order_by("name")]
 
 
+@http_methods("GET")
 def _console_page(request: HttpRequest, agent: str | None = None) -> HttpResponse:
     agents = enabled_agents()
     if agent is not None and agent not in {a["name"] for a in agents}:

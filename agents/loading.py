@@ -20,6 +20,7 @@ demo_seed() lives here too: it is this loader plus the demo's superuser and API 
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -154,7 +155,7 @@ def definition_variables() -> dict[str, str]:
 def _is_json(value: Any) -> bool:
     try:
         json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return False
     return True
 
@@ -164,7 +165,13 @@ def _is_str_list(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float that a float column holds (10**400 is an int Python cannot make a float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _is_int(value: Any) -> bool:
@@ -186,7 +193,7 @@ AGENT_KEYS: dict[str, _TypeRule] = {
     "description": (lambda v: isinstance(v, str), "a string"),
     "model": (lambda v: isinstance(v, str), 'a string, "provider/model-name"'),
     "system_prompt": (lambda v: isinstance(v, str), "a string"),
-    "temperature": (_is_number, "a number"),
+    "temperature": (_is_number, "a finite number"),
     "max_tokens": (_is_int, "an integer"),
     "timeout_seconds": (_is_int, "an integer"),
     "enabled": (lambda v: isinstance(v, bool), "true or false"),

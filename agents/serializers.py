@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
+from agentplatform.serializers import StrictSerializer
+
 from .chat_input import REST_ROLES, metadata_of
 from .models import Message, Session
 
@@ -101,7 +103,7 @@ class SessionDetailSerializer(SessionSerializer):
         fields = SessionSerializer.Meta.fields + ["messages"]
 
 
-class SessionCreateSerializer(serializers.Serializer):
+class SessionCreateSerializer(StrictSerializer):
     agent = serializers.CharField(help_text="The agent's name.")
     id = serializers.UUIDField(required=False, help_text="Choose the session's id (default: a new UUID).")
     title = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")
@@ -109,11 +111,5 @@ class SessionCreateSerializer(serializers.Serializer):
 
     def validate_metadata(self, value: dict) -> dict:
         return metadata_of(value)
-
-    def validate(self, attrs: dict) -> dict:
-        unknown = set(self.initial_data) - set(self.fields)
-        if unknown:
-            raise serializers.ValidationError({sorted(unknown)[0]: "Unknown field."})
-        return attrs
 
 

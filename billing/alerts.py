@@ -108,7 +108,11 @@ def _fire(budget: Budget, start: datetime, thresholds: Iterable[int], spent: Dec
                 alert = BudgetAlert.objects.create(budget=budget, period_start=start, threshold=threshold,
                                                    spent_usd=spent, limit_usd=budget.limit_usd)
         except IntegrityError:
-            continue  # fired already, by another settlement or the scan
+            # Fired already, by another settlement or the scan: the unique constraint. Any
+            # other failure (the budget deleted meanwhile) is not "already fired".
+            if BudgetAlert.objects.filter(budget=budget, period_start=start, threshold=threshold).exists():
+                continue
+            raise
         made = AlertDelivery.objects.bulk_create(
             [AlertDelivery(alert=alert, channel=channel, target=target) for channel, target in _targets(budget)])
         audit_record(actor="system", action="budget.alert", target=f"budget:{budget.id}",

@@ -30,7 +30,8 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.dateparse import parse_date
 from django.utils.http import urlencode
-from django.views.decorators.http import require_safe
+
+from agentplatform.methods import http_methods
 
 from agentplatform.csp import page_csp
 
@@ -256,7 +257,7 @@ def _page(request: HttpRequest, context: dict, status: int = 200) -> TemplateRes
     return TemplateResponse(request, "admin/billing/dashboard.html", {**base, **context}, status=status)
 
 
-@require_safe
+@http_methods("GET")
 @page_csp
 def dashboard_view(request: HttpRequest) -> HttpResponse:
     if not request.user.has_perm(PERMISSION):

@@ -9,6 +9,8 @@ from decimal import Decimal
 from django.utils.dateparse import parse_date, parse_datetime
 from rest_framework import serializers
 
+from agentplatform.serializers import StrictSerializer
+
 from .models import ModelPrice
 
 PRICE_FIELD = {"max_digits": 12, "decimal_places": 6, "min_value": Decimal("0")}
@@ -21,7 +23,7 @@ class ModelPriceSerializer(serializers.ModelSerializer):
                   "created_at"]
 
 
-class ModelPriceUpsertSerializer(serializers.Serializer):
+class ModelPriceUpsertSerializer(StrictSerializer):
     model = serializers.CharField(max_length=200)
     input_per_1m = serializers.DecimalField(**PRICE_FIELD)
     output_per_1m = serializers.DecimalField(**PRICE_FIELD)
@@ -39,9 +41,16 @@ class ModelPriceFilterSerializer(serializers.Serializer):
     model = serializers.CharField(required=False, max_length=200)
 
 
+# Usage can only exist in this range; outside it, day arithmetic (the next midnight, a day's
+# rollup) would overflow Python's datetime at year 9999.
+MOMENT_MIN = datetime(1970, 1, 1, tzinfo=dt_timezone.utc)
+MOMENT_MAX = datetime(3000, 1, 1, tzinfo=dt_timezone.utc)
+_OUT_OF_RANGE = "Out of range: dates from 1970-01-01 to 2999-12-31, datetimes up to 3000-01-01T00:00:00Z."
+
+
 class _MomentField(serializers.Field):
     """An ISO date (its midnight UTC; for `to`, the next midnight: the day is included) or an
-    ISO datetime (naive means UTC)."""
+    ISO datetime (naive means UTC), from 1970-01-01 to 3000-01-01."""
 
     def __init__(self, *, end: bool = False, **kwargs) -> None:
         self.end = end
@@ -49,7 +58,10 @@ class _MomentField(serializers.Field):
 
     def to_internal_value(self, data) -> datetime:
         text = str(data).strip()
-        moment = parse_datetime(text) if "T" in text or " " in text else None
+        try:
+            moment = parse_datetime(text) if "T" in text or " " in text else None
+        except ValueError:  # well-formed but not a real moment (month 13, offset 99:00)
+            moment = None
         if moment is None:
             try:
                 day = parse_date(text)
@@ -57,11 +69,19 @@ class _MomentField(serializers.Field):
                 day = None
             if day is None:
                 raise serializers.ValidationError("An ISO date (2025-01-31) or datetime (2025-01-31T12:00:00Z).")
+            if not MOMENT_MIN.date() <= day < MOMENT_MAX.date():
+                raise serializers.ValidationError(_OUT_OF_RANGE)
             moment = datetime.combine(day, time.min, tzinfo=dt_timezone.utc)
             if self.end:
                 moment += timedelta(days=1)
         elif moment.tzinfo is None:
             moment = moment.replace(tzinfo=dt_timezone.utc)
+        try:
+            in_range = MOMENT_MIN <= moment.astimezone(dt_timezone.utc) <= MOMENT_MAX
+        except OverflowError:  # 9999-12-31T23:00:00-05:00 is past year 9999 in UTC
+            in_range = False
+        if not in_range:
+            raise serializers.ValidationError(_OUT_OF_RANGE)
         return moment
 
 

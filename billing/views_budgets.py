@@ -31,6 +31,7 @@ from rest_framework.views import APIView
 
 from agentplatform.asyncviews import client_ip
 from agentplatform.errors import NotFound, request_id_of
+from agentplatform.serializers import StrictSerializer
 from governance.permissions import IsAdminKey
 
 from .budgets import (
@@ -55,7 +56,7 @@ ERRORS = {
 }
 
 
-class BudgetCreateSerializer(serializers.Serializer):
+class BudgetCreateSerializer(StrictSerializer):
     scope = serializers.ChoiceField(choices=Budget.Scope.values)
     key = serializers.CharField(required=False, allow_blank=False, max_length=64)
     agent = serializers.CharField(required=False, allow_blank=False, max_length=100)
@@ -104,11 +105,7 @@ class BudgetUpdateSerializer(BudgetCreateSerializer):
                 if field in data:
                     raise serializers.ValidationError(
                         {field: [f"A budget's {field} cannot be changed; create another budget instead."]})
-            writable = {name for name, field in self.fields.items() if not field.read_only}
-            unknown = [name for name in data if name not in writable]
-            if unknown:
-                raise serializers.ValidationError({unknown[0]: ["Unknown field."]})
-        return super().to_internal_value(data)
+        return super().to_internal_value(data)  # StrictSerializer: any other unknown field is refused
 
 
 class BudgetListFilterSerializer(serializers.Serializer):

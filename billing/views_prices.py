@@ -9,7 +9,7 @@ Prices are decimal strings in and out; a bad field is a 400 naming it in `error.
 
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import generics, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -29,7 +29,7 @@ class ModelPriceListView(generics.GenericAPIView):
     pagination_class = None
 
     @extend_schema(parameters=[OpenApiParameter("model", str, description="Only this model's prices.")],
-                   responses={200: ModelPriceSerializer(many=True)})
+                   responses={200: inline_serializer("ModelPriceList", {"data": ModelPriceSerializer(many=True)})})
     def get(self, request: Request) -> Response:
         query = ModelPriceFilterSerializer(data=request.query_params)
         query.is_valid(raise_exception=True)

@@ -7,26 +7,14 @@ secret's hash; the secret itself is added to the create and rotate responses onl
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.utils import timezone
 from rest_framework import serializers
+
+from agentplatform.serializers import StrictSerializer, model_integer
 
 from .keys import STATUSES, api_key_status
 from .models import ApiKey
 from .services import MAX_GRACE_SECONDS
-
-
-class StrictSerializer(serializers.Serializer):
-    """Refuses unknown fields (and read-only ones sent in a request)."""
-
-    def to_internal_value(self, data: Any) -> Any:
-        if isinstance(data, dict):
-            writable = {name for name, field in self.fields.items() if not field.read_only}
-            unknown = [name for name in data if name not in writable]
-            if unknown:
-                raise serializers.ValidationError({unknown[0]: ["Unknown field."]})
-        return super().to_internal_value(data)
 
 
 def _future(value):
@@ -53,10 +41,10 @@ class _KeyFields(StrictSerializer):
                                            allow_empty=True, max_length=1000,
                                            help_text="Skill names: only these may be offered ([]: none). Giving "
                                                      "the list limits the key to it.")
-    rate_limit_rpm = serializers.IntegerField(min_value=1, required=False, allow_null=True,
-                                              help_text="Requests per minute; null = no limit.")
-    rate_limit_tpm = serializers.IntegerField(min_value=1, required=False, allow_null=True,
-                                              help_text="Tokens per minute; null = no limit.")
+    rate_limit_rpm = model_integer(ApiKey, "rate_limit_rpm", min_value=1, required=False, allow_null=True,
+                                   help_text="Requests per minute; null = no limit.")
+    rate_limit_tpm = model_integer(ApiKey, "rate_limit_tpm", min_value=1, required=False, allow_null=True,
+                                   help_text="Tokens per minute; null = no limit.")
 
 
 class ApiKeyCreateSerializer(_KeyFields):

@@ -53,6 +53,11 @@ def test_it_refuses_lone_surrogates_in_values_and_keys(text):
     assert "lone surrogate" in refused(text)
 
 
+@pytest.mark.parametrize("text", ['"\\u0000"', '{"title": "a\\u0000b"}', '{"\\u0000": 1}', '[["ok", "\\u0000"]]'])
+def test_it_refuses_nul_characters_which_postgresql_cannot_store(text):
+    assert "NUL character" in refused(text)
+
+
 def test_it_refuses_a_lone_surrogate_in_a_str_argument():
     assert "lone surrogate" in refused('"\ud800"')
 
