@@ -8,13 +8,13 @@ turns its body into a ChatInput here and nowhere else:
     ChatTurn(..., input_messages=data.messages, metadata=data.metadata, ...)
 
 The body itself comes from agentplatform.jsonparse.loads_strict (NaN/Infinity, numbers that
-overflow, nesting deeper than 64 and lone surrogates are refused there, as `invalid_json`).
-What holds here, for all three:
+overflow, nesting deeper than 64, lone surrogates and NUL characters — which PostgreSQL cannot
+store: a run that could not be stored after the model answered — are refused there, as
+`invalid_json`). What holds here, for all three:
   * a message's content is a string or a list of text parts (`{"type": "text", "text": str}`);
     it leaves here as ONE string (parts joined by newlines), so nothing downstream (guards,
     budget estimates, providers, the transcript) converts content again;
-  * text is at most MAX_MESSAGE_CHARS characters and holds no NUL (PostgreSQL stores none: a
-    NUL accepted here would be a run that cannot be stored after the model answered);
+  * text is at most MAX_MESSAGE_CHARS characters;
   * at most MAX_MESSAGES_PER_REQUEST messages;
   * metadata is an object of at most MAX_METADATA_BYTES, measured as compact UTF-8 JSON;
   * unknown fields are refused, naming the first one.
@@ -94,8 +94,6 @@ def _no_unknown(body: dict, allowed: frozenset) -> None:
 def checked_text(value: str, param: str) -> str:
     if len(value) > settings.MAX_MESSAGE_CHARS:
         raise invalid(param, f"Longer than {settings.MAX_MESSAGE_CHARS} characters.")
-    if "\x00" in value:
-        raise invalid(param, "Must not contain NUL characters.")
     return value
 
 
@@ -133,7 +131,7 @@ def content_text(content: Any, param: str, *, required: bool) -> str | None:
 
 
 def metadata_of(value: Any, param: str = "metadata") -> dict:
-    """Metadata: a JSON object of at most MAX_METADATA_BYTES (compact UTF-8 JSON), no NUL."""
+    """Metadata: a JSON object of at most MAX_METADATA_BYTES (compact UTF-8 JSON)."""
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -145,24 +143,7 @@ def metadata_of(value: Any, param: str = "metadata") -> dict:
         raise invalid(param, "Must be JSON data.") from None
     if size > MAX_METADATA_BYTES:
         raise invalid(param, f"At most {MAX_METADATA_BYTES // 1024} KiB of metadata (as compact UTF-8 JSON).")
-    if "\\u0000" in encoded and _holds_nul(value):  # json writes a NUL as \u0000
-        raise invalid(param, "Must not contain NUL characters.")
     return value
-
-
-def _holds_nul(value: Any) -> bool:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item)
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
 
 
 def _session_id(body: dict) -> tuple[uuid.UUID | None, bool]:
