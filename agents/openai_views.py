@@ -22,7 +22,7 @@ from governance.selectors import presented_key
 from .chat_input import OPENAI_ROLES, openai_chat_input
 from .pipeline import ChatTurn, authorize_agent, chat_complete, principal_and_agent
 from .selectors import visible_agents
-from .streaming import completion_id, event_stream_response, openai_stream
+from .streaming import completion_id, openai_stream, stream_response
 
 
 class OpenAIMessageSerializer(serializers.Serializer):
@@ -98,7 +98,7 @@ class ChatCompletionsView(AsyncAPIView):
                 "cost_usd": result["cost_usd"],
                 "system_fingerprint": None,
             }), turn.response_headers)
-        return event_stream_response(openai_stream(turn, data.include_usage), turn.response_headers)
+        return await stream_response(turn, openai_stream, include_usage=data.include_usage)
 
 
 def _model_payload(agent) -> dict:

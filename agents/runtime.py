@@ -114,8 +114,11 @@ class AgentRun:
                 except (ProviderError, asyncio.TimeoutError) as exc:
                     err = exc if isinstance(exc, ProviderError) else ProviderError(
                         "The model provider did not answer in time.", code="upstream_timeout", http_status=504)
-                    self.calls.append(CallRecord(model=model, usage=Usage(0, 0), ok=False, error_code=err.code,
+                    # A call the upstream accepted costs what it produced (a cut stream: estimated).
+                    usage = err.usage or Usage(0, 0)
+                    self.calls.append(CallRecord(model=model, usage=usage, ok=False, error_code=err.code,
                                                  latency_ms=int((time.perf_counter() - started) * 1000)))
+                    self.usage.add(usage)
                     # Part of the answer is out already: another model cannot take it back.
                     if sent_any or model_index + 1 >= len(models):
                         self.error = err

@@ -48,7 +48,7 @@ from .serializers import (
     SessionDetailSerializer,
     SessionSerializer,
 )
-from .streaming import event_stream_response, sse_stream
+from .streaming import sse_stream, stream_response
 
 ERRORS = {
     400: OpenApiResponse(description="Invalid body: `error.param` names the field."),
@@ -243,10 +243,13 @@ class ChatView(AsyncAPIView):
         request=ChatRequestSerializer,
         responses={200: ChatResponseSerializer, **ERRORS,
                    502: OpenApiResponse(description="Every model of the agent failed."),
+                   503: OpenApiResponse(description="The model provider is rate limiting us (`Retry-After`)."),
                    504: OpenApiResponse(description="The model did not answer in time.")},
-        description="With `stream: true` the answer is `text/event-stream`: events `delta`, `tool_call`, "
-                    "`tool_result`, `usage`, then `done` (or `error`), each with a JSON `data:` line holding "
-                    "`type`; comment heartbeats every SSE_HEARTBEAT_SECONDS.",
+        description="With `stream: true` the answer is `text/event-stream`: events `start`, `delta`, `tool_call`, "
+                    "`tool_result`, `usage`, then `done` (or `error`, with `status` and `retry_after`), each "
+                    "with a JSON `data:` line holding `type`; comment heartbeats every SSE_HEARTBEAT_SECONDS. "
+                    "The stream starts once the model answered: a turn that failed before (every model failed) "
+                    "is answered with its JSON error and status, as without `stream`.",
     )
     async def post(self, request, name: str):
         key = presented_key(request.headers)
@@ -264,7 +267,7 @@ class ChatView(AsyncAPIView):
         await turn.prepare()
         if not data.stream:
             return with_headers(JsonResponse(await chat_complete(turn)), turn.response_headers)
-        return event_stream_response(sse_stream(turn), turn.response_headers)
+        return await stream_response(turn, sse_stream)
 
 
 def _sessions_of(principal):

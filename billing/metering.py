@@ -13,9 +13,12 @@
                     no pipeline), so exactly one record per run that has records starts it.
 
 Failed, cancelled and client-disconnected runs go through finished/persist too (the pipeline
-calls them from its `finally`). Failed calls cost the usage they reported (usually none). A
-stream cut off by the client loses its in-flight call's final usage chunk: the text produced so
-far is counted offline (agents.providers.estimate_tokens) and the record is marked estimated.
+calls them from its `finally`). A failed call costs the usage its provider error carries: none
+for a call the upstream refused or never answered; for one that failed after the upstream's 200
+(a stream cut off by the upstream: `upstream_stream_cut`) its prompt and what it produced,
+counted offline by the provider, the record marked estimated. A stream cut off by the client
+loses its in-flight call's final usage chunk: the text produced so far is counted offline
+(agents.providers.estimate_tokens) and the record is marked estimated.
 Prices are those in force when the run started.
 """
 

@@ -230,10 +230,10 @@ PAGE_CSP = {
 
 
 async def post_and_hang_up(path: str, body: dict, key: str, *, leave_when: Callable[[bytes], bool],
-                           headers: dict[str, str] | None = None) -> bytes:
-    """POST to the real ASGI app and disconnect once `leave_when(bytes received so far)` holds,
-    as a browser closing its tab does (httpx's ASGI transport always reads a body whole).
-    Returns what was received."""
+                           headers: dict[str, str] | None = None, leave_after: float | None = None) -> bytes:
+    """POST to the real ASGI app and disconnect once `leave_when(bytes received so far)` holds
+    (or `leave_after` seconds passed, whatever was received), as a browser closing its tab does
+    (httpx's ASGI transport always reads a body whole). Returns what was received."""
     import asyncio
 
     from agentplatform.asgi import application
@@ -249,6 +249,8 @@ async def post_and_hang_up(path: str, body: dict, key: str, *, leave_when: Calla
     received: list[bytes] = []
     leave = asyncio.Event()
     request_sent = False
+    if leave_after is not None:
+        asyncio.get_running_loop().call_later(leave_after, leave.set)
 
     async def receive() -> dict:
         nonlocal request_sent

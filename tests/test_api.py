@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 from django.conf import settings as django_settings
@@ -14,6 +15,8 @@ from django.db import connections
 from django.utils import timezone
 
 from agents.models import Agent, AgentSkill, Message, Run, Session, Skill
+from billing.budgets import budget_create
+from billing.models import BudgetSpend, ModelPrice, UsageRecord
 from conftest import Api, assert_error, orm, parse_sse
 from governance.models import ApiKey
 from governance.services import api_key_revoke
@@ -39,6 +42,12 @@ def key(make_key) -> str:
 
 async def messages_of(session_id) -> list[Message]:
     return await orm(lambda: list(Message.objects.filter(session_id=session_id).order_by("created_at", "id")))
+
+
+def _price(model: str) -> ModelPrice:
+    # Newer than any seeded price, so it is the one in force.
+    return ModelPrice.objects.create(model=model, input_per_1m=Decimal("1.5"), output_per_1m=Decimal("2"),
+                                     effective_from=timezone.now() - timedelta(seconds=1))
 
 
 def events_of(text: str) -> list[dict]:
@@ -413,26 +422,103 @@ async def test_it_streams_tool_calls_and_their_results(agents, key):
     assert stored[2].tool_call_id == call["id"] and stored[2].content == "42"
 
 
-async def test_it_ends_a_stream_with_an_error_event_when_the_upstream_breaks(make_agent, key, openai_settings):
-    await orm(make_agent, name="gpt", model="openai/gpt-4o-mini")
+@pytest.mark.parametrize("fault", ["cut", "cut-clean", "cut-event"])
+async def test_it_ends_a_cut_stream_with_an_error_event_and_bills_it(make_agent, key, openai_settings, fake_upstream,
+                                                                    fault):
+    """Connection closed mid-body, body ended without a finish reason or [DONE], last event cut
+    mid-JSON: an `upstream_stream_cut` error, never `done`; the run is failed, keeps what was
+    streamed, and is metered (estimated) and charged. Deltas were sent: no fallback."""
+    await orm(_price, "openai/gpt-4o-mini")
+    await orm(make_agent, name="gpt", model="openai/gpt-4o-mini", fallback_models=["openai/other-model"])
+    budget = await orm(budget_create, scope="global", period="day", limit_usd=Decimal("5"))
 
-    response = await Api(key).post(CHAT.format("gpt"), {"message": "tell me a long story [fault:cut]",
+    response = await Api(key).post(CHAT.format("gpt"), {"message": f"tell me a long story [fault:{fault}]",
                                                         "stream": True})
 
     assert response.status_code == 200  # the stream had started
     events = events_of(response.text)
-    assert events[0]["event"] == "start"
-    assert "delta" in [e["event"] for e in events]
-    assert events[-1]["event"] == "error"
+    assert [e["event"] for e in events] == ["start", "delta", "delta", "error"]
+    assert "".join(e["data"]["content"] for e in events[1:3]) == "Echo: tell "
     error = events[-1]["data"]
-    assert error["code"].startswith("upstream_") and error["message"]
-    assert "done" not in [e["event"] for e in events]
+    assert (error["code"], error["status"]) == ("upstream_stream_cut", 502) and error["message"]
+    assert error["run_id"] == events[0]["data"]["run_id"] and "retry_after" not in error
     run = await orm(Run.objects.get, pk=events[0]["data"]["run_id"])
-    assert run.status == Run.Status.FAILED
-    assert run.error_code == error["code"]
+    assert (run.status, run.error_code) == (Run.Status.FAILED, "upstream_stream_cut")
     # What was streamed before the break is kept in the transcript.
     stored = await messages_of(run.session_id)
-    assert stored[-1].role == "assistant" and stored[-1].content.startswith("Echo:")
+    assert (stored[-1].role, stored[-1].content) == ("assistant", "Echo: tell ")
+    [record] = await orm(lambda: list(UsageRecord.objects.filter(run_id=run.id)))
+    assert record.estimated and record.model == "openai/gpt-4o-mini"
+    assert record.completion_tokens == 3 and record.prompt_tokens > 0  # "Echo: tell " counted offline
+    assert record.cost_usd > 0 and run.total_tokens == record.prompt_tokens + record.completion_tokens
+    spend = await orm(BudgetSpend.objects.get, budget_id=budget.id)
+    assert (spend.spent_usd, spend.reserved_usd) == (record.cost_usd, Decimal("0"))
+    assert fake_upstream.stats()["by_model"] == {"gpt-4o-mini": 1}
+
+
+async def test_a_stream_cut_before_its_first_token_falls_back(make_agent, key, openai_settings, fake_upstream):
+    await orm(make_agent, name="gpt", model="openai/fault-cut-model", fallback_models=["openai/good-model"])
+
+    response = await Api(key).post(CHAT.format("gpt"), {"message": "hi [cut-after:1]", "stream": True})
+
+    assert response.status_code == 200
+    events = events_of(response.text)
+    assert [e["event"] for e in events] == ["start", "delta", "delta", "usage", "done"]
+    done = events[-1]["data"]
+    assert (done["output"], done["model"]) == ("Echo: hi", "openai/good-model")
+    run = await orm(Run.objects.get, pk=done["id"])
+    assert run.status == Run.Status.SUCCEEDED
+    assert [(c["model"], c["ok"], c["error"]) for c in run.metadata["calls"]] == [
+        ("openai/fault-cut-model", False, "upstream_stream_cut"), ("openai/good-model", True, "")]
+    cut, answered = await orm(lambda: list(UsageRecord.objects.filter(run_id=run.id).order_by("id")))
+    assert cut.estimated and cut.completion_tokens == 0 and cut.prompt_tokens > 0  # it read the prompt
+    assert not answered.estimated
+    assert fake_upstream.stats()["by_model"] == {"fault-cut-model": 1, "good-model": 1}
+
+
+async def test_a_stream_cut_after_its_finish_reason_is_a_whole_answer(make_agent, key, openai_settings):
+    """Only [DONE] and the usage chunk are lost: the answer stands, its usage estimated."""
+    await orm(make_agent, name="gpt", model="openai/fault-cut-after-finish")
+
+    response = await Api(key).post(CHAT.format("gpt"), {"message": "all of it", "stream": True})
+
+    done = events_of(response.text)[-1]
+    assert done["event"] == "done" and done["data"]["output"] == "Echo: all of it"
+    assert done["data"]["finish_reason"] == "stop"
+    run = await orm(Run.objects.get, pk=done["data"]["id"])
+    assert run.status == Run.Status.SUCCEEDED
+    [record] = await orm(lambda: list(UsageRecord.objects.filter(run_id=run.id)))
+    assert record.estimated
+
+
+async def test_a_stream_that_fails_before_the_model_answers_is_a_json_error(make_agent, key, openai_settings,
+                                                                           fake_upstream):
+    """Every model failed before producing anything: the stream never started, so the answer is
+    the error's own status and JSON body (with Retry-After), as without `stream`."""
+    await orm(make_agent, name="gpt", model="openai/gpt-4o-mini", fallback_models=["openai/gpt-4o"])
+
+    response = await Api(key).post(CHAT.format("gpt"), {"message": "hi [fault:429] [retry-after:7]",
+                                                        "stream": True})
+
+    assert_error(response, 503, "upstream_rate_limited")
+    assert response.headers["Retry-After"] == "7"
+    run = await orm(Run.objects.get, agent__name="gpt")
+    assert (run.status, run.transport, run.steps) == (Run.Status.FAILED, Run.Transport.SSE, 2)
+    assert fake_upstream.stats()["requests"] == 2
+
+
+async def test_a_stream_error_after_a_tool_step_carries_status_and_retry_after(make_agent, key, openai_settings):
+    await orm(make_agent, name="gpt", model="openai/gpt-4o-mini", skills=["calculator"])
+
+    response = await Api(key).post(CHAT.format("gpt"), {
+        "message": '[call:calculator {"expression": "6*7"}] [fault-step:2] [fault:429] [retry-after:7]',
+        "stream": True})
+
+    assert response.status_code == 200  # the model had answered (a tool call)
+    events = events_of(response.text)
+    assert [e["event"] for e in events] == ["start", "tool_call", "tool_result", "error"]
+    error = events[-1]["data"]
+    assert (error["code"], error["status"], error["retry_after"]) == ("upstream_rate_limited", 503, 7)
 
 
 async def test_it_names_the_request_in_a_stream_error_event(make_agent, key, openai_settings):
@@ -634,8 +720,9 @@ async def test_it_stops_serving_a_disabled_agent_at_once(agents, key):
 # --- upstream failures and fallbacks ------------------------------------------------------
 
 
-async def test_it_falls_back_to_the_next_model(make_agent, key, openai_settings, fake_upstream):
-    await orm(make_agent, name="gpt", model="openai/fault-500-model", fallback_models=["openai/good-model"])
+@pytest.mark.parametrize("fault", ["500", "cut"])  # cut: half the body, then the connection closes
+async def test_it_falls_back_to_the_next_model(make_agent, key, openai_settings, fake_upstream, fault):
+    await orm(make_agent, name="gpt", model=f"openai/fault-{fault}-model", fallback_models=["openai/good-model"])
 
     response = await Api(key).post(CHAT.format("gpt"), {"message": "hi"})
 
@@ -648,8 +735,8 @@ async def test_it_falls_back_to_the_next_model(make_agent, key, openai_settings,
     assert run.steps == 2
     assert run.model == "openai/good-model"
     assert [(c["model"], c["ok"]) for c in run.metadata["calls"]] == [
-        ("openai/fault-500-model", False), ("openai/good-model", True)]
-    assert fake_upstream.stats()["by_model"] == {"fault-500-model": 1, "good-model": 1}
+        (f"openai/fault-{fault}-model", False), ("openai/good-model", True)]
+    assert fake_upstream.stats()["by_model"] == {f"fault-{fault}-model": 1, "good-model": 1}
 
 
 async def test_it_answers_502_when_every_model_fails(make_agent, key, openai_settings):

@@ -291,6 +291,57 @@ def test_it_cuts_a_stream_before_it_finishes(client: openai.OpenAI) -> None:
     assert finish_reasons == [None, None, None]
 
 
+def _raw_stream(server: FakeOpenAIServer, content: str, model: str = "m") -> tuple[bytes, type | None]:
+    """The body of a streamed chat completion as received, and the error that ended it (if any)."""
+    received: list[bytes] = []
+    try:
+        with httpx.stream("POST", f"{server.base_url}/chat/completions", timeout=5,
+                          json={"model": model, "messages": user(content), "stream": True}) as response:
+            for part in response.iter_raw():
+                received.append(part)
+    except httpx.HTTPError as exc:
+        return b"".join(received), type(exc)
+    return b"".join(received), None
+
+
+def test_it_cuts_a_stream_in_four_ways(server: FakeOpenAIServer) -> None:
+    reset, reset_error = _raw_stream(server, "[tokens:5] [fault:cut]")
+    clean, clean_error = _raw_stream(server, "[tokens:5] [fault:cut-clean]")
+    event, event_error = _raw_stream(server, "[tokens:5] [fault:cut-event]")
+    finished, finished_error = _raw_stream(server, "[tokens:5]", model="m-fault-cut-after-finish")
+
+    # The role chunk and two deltas, then: the connection closes mid-body ...
+    assert reset_error is httpx.RemoteProtocolError and reset.count(b"\n\n") == 3
+    # ... the body ends properly, without a finish chunk or [DONE] ...
+    assert clean_error is None and clean.count(b"\n\n") == 3 and b"[DONE]" not in clean
+    assert b'"finish_reason":null' in clean and b'"finish_reason":"stop"' not in clean
+    # ... half of the next event follows, mid-JSON, then the body ends ...
+    assert event_error is None and event.count(b"\n\n") == 3
+    tail = event.rsplit(b"\n\n", 1)[1]
+    assert tail.startswith(b"data: {") and b"\n" not in tail
+    with pytest.raises(ValueError):
+        json.loads(tail[len(b"data: "):])
+    # ... or everything up to the finish chunk arrives, then the connection closes before [DONE].
+    assert finished_error is httpx.RemoteProtocolError and b'"finish_reason":"stop"' in finished
+    assert b"[DONE]" not in finished
+
+
+def test_it_cuts_after_the_chunks_asked_for(server: FakeOpenAIServer) -> None:
+    body, _ = _raw_stream(server, "[tokens:5] [cut-after:1] [fault:cut-clean]")
+    assert body.count(b"\n\n") == 1 and b'"role":"assistant"' in body and b"w1" not in body
+
+
+def test_it_fails_only_the_step_asked_for(client: openai.OpenAI) -> None:
+    first = client.chat.completions.create(model="m", messages=user("[fault-step:2] [fault:429] hi"))
+    assert first.choices[0].message.content == "Echo: hi"
+    after_tool = [*user("[fault-step:2] [fault:429] hi"),
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": "call_1", "type": "function", "function": {"name": "t", "arguments": "{}"}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="m", messages=after_tool)
+
+
 def test_it_cuts_a_response_body(client: openai.OpenAI) -> None:
     with pytest.raises(openai.APIConnectionError):
         client.chat.completions.create(model="m-fault-cut", messages=user("hi"))

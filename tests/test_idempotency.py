@@ -157,13 +157,16 @@ async def test_it_stores_no_failure_so_a_retry_can_succeed(agents, key, openai_s
     api = Api(key)
 
     upstream_down = await api.post(CHAT.format("echo"), {"message": "x [fault:500]"}, headers=idem("a"))
-    stream_failed = await api.post(CHAT.format("echo"), {"message": "x [fault:500]", "stream": True},
-                                   headers=idem("b"))
+    stream_refused = await api.post(CHAT.format("echo"), {"message": "x [fault:500]", "stream": True},
+                                    headers=idem("b"))
+    stream_cut = await api.post(CHAT.format("echo"), {"message": "x y z [fault:cut]", "stream": True},
+                                headers=idem("e"))
     invalid = await api.post(CHAT.format("echo"), {"mesage": "typo"}, headers=idem("c"))
     unknown = await api.post(CHAT.format("nope"), {"message": "x"}, headers=idem("d"))
 
     assert upstream_down.status_code == 502
-    assert stream_failed.status_code == 200 and b"event: error" in stream_failed.content
+    assert stream_refused.status_code == 502  # failed before the model answered: no stream
+    assert stream_cut.status_code == 200 and b"event: error" in stream_cut.content
     assert invalid.status_code == 400
     assert unknown.status_code == 404
     assert await records() == []

@@ -3,9 +3,12 @@ wire format OpenAI clients expect, with an agent's name as the model."""
 
 from __future__ import annotations
 
+import httpx
+import openai
 import pytest
 
 from agents.models import Run, Session
+from billing.models import UsageRecord
 from conftest import Api, assert_error, orm, parse_sse
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -115,6 +118,36 @@ async def test_it_adds_a_usage_chunk_when_asked(agents, key):
     assert run.status == Run.Status.SUCCEEDED
 
 
+@pytest.fixture
+async def client(key):
+    """The real openai SDK on the ASGI app (no retries: each test sees one request's answer)."""
+    from agentplatform.asgi import application
+
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=application), timeout=30)
+    async with openai.AsyncOpenAI(base_url="http://testserver/v1", api_key=key, max_retries=0,
+                                  http_client=http) as sdk:
+        yield sdk
+
+
+class Streamed:
+    """What an SDK client received from one streamed completion: its text and the finish
+    reasons seen, up to the error the SDK raised, if it raised."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.finish_reasons: list = []
+
+    async def run(self, client: openai.AsyncOpenAI, content: str, model: str = "gpt") -> "Streamed":
+        stream = await client.chat.completions.create(model=model, stream=True,
+                                                      messages=[{"role": "user", "content": content}])
+        async with stream:
+            async for chunk in stream:
+                for choice in chunk.choices:
+                    self.text.append(choice.delta.content or "")
+                    self.finish_reasons.append(choice.finish_reason)
+        return self
+
+
 async def test_it_streams_an_upstream_failure_as_an_error_then_done(make_agent, key, openai_settings):
     await orm(make_agent, name="gpt", model="openai/gpt-4o-mini")
 
@@ -124,8 +157,95 @@ async def test_it_streams_an_upstream_failure_as_an_error_then_done(make_agent, 
     chunks = chunks_of(response.text)
     assert chunks[-1] == "[DONE]"
     error = chunks[-2]["error"]
-    assert error["code"].startswith("upstream_") and error["message"] and error["request_id"]
+    assert error["code"] == "upstream_stream_cut" and error["message"] and error["request_id"]
+    assert error["status"] == 502 and error["type"] == "api_error"
+    assert not any(c.get("choices") and c["choices"][0]["finish_reason"] for c in chunks[:-2])
     assert (await orm(Run.objects.get)).status == Run.Status.FAILED
+
+
+@pytest.mark.parametrize("fault", ["cut", "cut-clean", "cut-event"])
+async def test_the_sdk_raises_on_a_cut_stream(make_agent, key, openai_settings, fault, client):
+    await orm(make_agent, name="gpt", model="openai/gpt-4o-mini")
+
+    seen = Streamed()
+    with pytest.raises(openai.APIError) as caught:
+        await seen.run(client, f"a long story [fault:{fault}]")
+
+    assert caught.value.code == "upstream_stream_cut" and caught.value.body["status"] == 502
+    assert "".join(seen.text) == "Echo: a " and "stop" not in seen.finish_reasons
+    run = await orm(Run.objects.get)
+    assert (run.status, run.error_code, run.transport) == (Run.Status.FAILED, "upstream_stream_cut", "openai")
+    [record] = await orm(lambda: list(UsageRecord.objects.filter(run_id=run.id)))
+    assert record.estimated and record.completion_tokens > 0
+
+
+async def test_the_sdk_gets_the_fallbacks_answer_when_a_stream_is_cut_before_its_first_token(
+        make_agent, key, openai_settings, fake_upstream, client):
+    # The role chunk, then the body ends: no finish reason, no [DONE], no token either.
+    await orm(make_agent, name="gpt", model="openai/fault-cut-clean-model", fallback_models=["openai/good-model"])
+
+    seen = await Streamed().run(client, "hi [cut-after:1]")
+
+    assert "".join(seen.text) == "Echo: hi" and seen.finish_reasons[-1] == "stop"
+    assert fake_upstream.stats()["by_model"] == {"fault-cut-clean-model": 1, "good-model": 1}
+
+
+async def test_a_stream_every_model_refused_is_an_http_error_with_retry_after(make_agent, key, openai_settings,
+                                                                             fake_upstream, client):
+    """No role chunk before the model answered: a 429 from the upstream on every model is our
+    503 with Retry-After, a real HTTP status the SDK raises (and would retry), not a 200 stream."""
+    await orm(make_agent, name="gpt", model="openai/gpt-4o-mini", fallback_models=["openai/gpt-4o"])
+
+    seen = Streamed()
+    with pytest.raises(openai.InternalServerError) as caught:
+        await seen.run(client, "hi [fault:429] [retry-after:7]")
+
+    assert caught.value.status_code == 503 and caught.value.code == "upstream_rate_limited"
+    assert caught.value.response.headers["Retry-After"] == "7"
+    assert caught.value.response.headers["content-type"].startswith("application/json")
+    assert seen.text == []
+    assert (await orm(Run.objects.get)).status == Run.Status.FAILED
+    assert fake_upstream.stats()["requests"] == 2
+
+
+async def test_a_slow_model_gets_heartbeats_and_no_role_chunk_until_it_answers(make_agent, key, openai_settings):
+    """The stream waits for the model at most SSE_HEARTBEAT_SECONDS before it starts: then
+    heartbeats keep it open, the role chunk still waits for the model, and a failure is an
+    error event (here the first data the client gets)."""
+    openai_settings.SSE_HEARTBEAT_SECONDS = 0.05
+    await orm(make_agent, name="gpt", model="openai/gpt-4o-mini")
+
+    slow = await Api(key).post(COMPLETIONS, {"model": "gpt", "stream": True, "messages": [
+        {"role": "user", "content": "slow one [latency:300]"}]})
+    failing = await Api(key).post(COMPLETIONS, {"model": "gpt", "stream": True, "messages": [
+        {"role": "user", "content": "slow one [latency:300] [fault:500]"}]})
+
+    blocks = parse_sse(slow.text)
+    assert slow.status_code == 200 and blocks[0] == {"comment": "heartbeat"}
+    first_data = next(b["data"] for b in blocks if "data" in b)
+    assert first_data["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert failing.status_code == 200 and parse_sse(failing.text)[0] == {"comment": "heartbeat"}
+    assert [b["data"]["error"]["code"] for b in parse_sse(failing.text) if "data" in b and b["data"] != "[DONE]"] \
+        == ["upstream_error"]
+
+
+async def test_a_stream_error_after_the_model_answered_carries_status_and_retry_after(make_agent, key,
+                                                                                     openai_settings, client):
+    await orm(make_agent, name="gpt", model="openai/gpt-4o-mini", skills=["calculator"])
+
+    response = await Api(key).post(COMPLETIONS, {"model": "gpt", "stream": True, "messages": [{
+        "role": "user",
+        "content": '[call:calculator {"expression": "6*7"}] [fault-step:2] [fault:429] [retry-after:7]'}]})
+
+    assert response.status_code == 200
+    chunks = chunks_of(response.text)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}  # the tool step answered
+    error = chunks[-2]["error"]
+    assert (error["code"], error["status"], error["retry_after"]) == ("upstream_rate_limited", 503, 7)
+    with pytest.raises(openai.APIError) as caught:
+        await Streamed().run(client, '[call:calculator {"expression": "6*7"}] [fault-step:2] [fault:429] '
+                                       '[retry-after:7]')
+    assert caught.value.code == "upstream_rate_limited" and caught.value.body["retry_after"] == 7
 
 
 async def test_it_answers_upstream_failures_in_openais_error_shape(make_agent, key, openai_settings):

@@ -255,6 +255,20 @@ async def test_it_keeps_a_cancelled_run_when_the_client_goes_away(make_agent, ke
     assert stored[1].content.startswith("w1 w2 w3")  # what had been produced is kept
 
 
+async def test_it_keeps_a_cancelled_run_when_the_client_leaves_before_the_model_answered(
+        make_agent, key, openai_settings, fake_upstream):
+    """The stream waits for the model's first event before it starts: a client that leaves
+    meanwhile has received nothing, and its run is stored as cancelled all the same."""
+    await orm(make_agent, name="gpt", model="openai/gpt-4o-mini")
+    received = await post_and_hang_up(CHAT.format("gpt"), {"message": "slow [latency:3000]", "stream": True},
+                                      key, leave_when=lambda got: False, leave_after=0.3)
+
+    assert received == b""
+    run = await orm(Run.objects.get, agent__name="gpt")
+    assert (run.status, run.transport) == (Run.Status.CANCELLED, Run.Transport.SSE)
+    assert fake_upstream.stats()["requests"] == 1
+
+
 async def test_it_finishes_a_prepared_turn_nobody_reads_as_cancelled(make_agent, make_key):
     # A streaming client that leaves before the first frame: the view prepared the turn (stages
     # reserved what they reserve) but nobody iterates its events.

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from agents.providers.base import Completion, ModelCall, ProviderError, ProviderTimeout, TextDelta
+from agents.providers.base import Completion, ModelCall, ProviderError, ProviderStreamCut, ProviderTimeout, TextDelta
 from agents.providers.openai_compat import OpenAICompatibleProvider, SSEDecoder
 
 
@@ -69,7 +69,7 @@ async def test_it_merges_streamed_parallel_tool_calls_by_index(fake_provider):
 
 @pytest.mark.parametrize(("fault", "code"), [
     ("429", "upstream_rate_limited"), ("500", "upstream_error"), ("401", "upstream_error"),
-    ("cut", "upstream_unavailable"),
+    ("cut", "upstream_stream_cut"),
 ])
 async def test_it_maps_upstream_failures(fake_provider, fault, code):
     with pytest.raises(ProviderError) as caught:
@@ -78,17 +78,34 @@ async def test_it_maps_upstream_failures(fake_provider, fault, code):
     if fault == "429":
         assert caught.value.retry_after == 1 and caught.value.headers == {"Retry-After": "1"}
         assert caught.value.http_status == 503
+        assert caught.value.usage is None  # refused: it cost nothing
     if fault == "401":
         assert caught.value.permanent and caught.value.upstream_status == 401
 
 
-async def test_a_cut_stream_fails_after_its_first_deltas(fake_provider):
+@pytest.mark.parametrize("fault", ["cut", "cut-clean", "cut-event"])
+@pytest.mark.parametrize("gap", [0, 5])
+async def test_a_cut_stream_fails_after_its_first_deltas(fake_provider, fault, gap):
+    """A connection closed mid-body, a body that ends without a finish chunk or [DONE], a last
+    event cut off mid-JSON: each is an error, never an answer, and costs what it produced."""
     deltas: list[str] = []
-    with pytest.raises(ProviderError) as caught:
-        async for part in fake_provider.stream(_call("[tokens:20] [gap:5] [fault:cut]")):
+    with pytest.raises(ProviderStreamCut) as caught:
+        async for part in fake_provider.stream(_call(f"[tokens:20] [gap:{gap}] [fault:{fault}]")):
             deltas.append(part.content)
-    assert deltas and "".join(deltas).startswith("w1")
-    assert caught.value.code == "upstream_unavailable"
+    assert deltas == ["w1 ", "w2 "]
+    error = caught.value
+    assert (error.code, error.http_status, error.permanent) == ("upstream_stream_cut", 502, False)
+    assert not error.usage.reported and error.usage.completion_tokens == 2  # "w1 w2 ", estimated
+    assert error.usage.prompt_tokens > 0
+
+
+async def test_a_stream_cut_after_its_finish_reason_is_a_whole_answer(fake_provider):
+    """Only the trailer (the usage chunk, [DONE]) is lost: the answer stands, its usage estimated
+    (the openai SDK, too, accepts a stream that ends without [DONE])."""
+    deltas, completion = await _run(fake_provider, _call("[tokens:5] [gap:5] [fault:cut-after-finish]"))
+    assert deltas == ["w1 ", "w2 ", "w3 ", "w4 ", "w5"]
+    assert completion.content == "w1 w2 w3 w4 w5" and completion.finish_reason == "stop"
+    assert not completion.usage.reported and completion.usage.completion_tokens == 4
 
 
 async def test_it_times_out_an_upstream_that_never_answers(fake_provider):
@@ -254,11 +271,23 @@ async def test_it_rejects_an_event_that_is_not_a_chunk(scripted, payload):
     assert caught.value.code == "upstream_bad_response"
 
 
-async def test_it_ends_a_stream_without_done_at_eof(scripted):
+async def test_a_stream_that_ends_without_finish_reason_or_done_is_cut(scripted):
     server, provider = scripted
     server.pieces = [_event(_chunk("x")) + b"data: " + json.dumps(_chunk("unfinished")).encode()]  # no blank line
+    deltas: list[str] = []
+    with pytest.raises(ProviderStreamCut) as caught:
+        async for part in provider.stream(_call("hi")):
+            deltas.append(part.content)
+    assert deltas == ["x"]  # the unfinished event is dropped
+    assert caught.value.code == "upstream_stream_cut" and caught.value.usage.completion_tokens == 1
+
+
+@pytest.mark.parametrize("ending", [_event(_chunk(finish="stop")), b"data: [DONE]\n\n"], ids=["finish", "done"])
+async def test_a_stream_with_a_finish_reason_or_done_is_whole(scripted, ending):
+    server, provider = scripted
+    server.pieces = [_event(_chunk("x")) + ending]  # then the connection closes
     deltas, completion = await _run(provider, _call("hi"))
-    assert deltas == ["x"] and completion.content == "x"
+    assert deltas == ["x"] and completion.content == "x" and completion.finish_reason == "stop"
 
 
 async def test_a_consumer_that_stops_reading_hangs_up_on_the_upstream(scripted):

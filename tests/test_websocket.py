@@ -18,6 +18,7 @@ import pytest
 from channels.testing import WebsocketCommunicator
 
 from agents.models import Message, Run
+from billing.models import UsageRecord
 from conftest import orm
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -123,8 +124,6 @@ async def test_it_streams_a_turn_with_every_frame_type(make_agent, key):
 
 
 async def test_it_streams_the_upstreams_tokens(make_agent, key, openai_settings, fake_upstream):
-    from billing.models import UsageRecord
-
     await orm(make_agent, name="gpt", model="openai/gpt-4o-mini")
 
     async with ws("gpt", key) as c:
@@ -687,6 +686,39 @@ async def test_an_upstream_rate_limit_carries_its_retry_after(make_agent, key, o
         error = (await turn_frames(c))[-1]
 
     assert error["code"] == "upstream_rate_limited" and error["retry_after"] == 7
+
+
+async def test_a_cut_stream_ends_the_turn_with_an_error_frame(make_agent, key, openai_settings):
+    await orm(make_agent, name="gpt", model="openai/gpt-4o-mini", fallback_models=["openai/other-model"])
+
+    async with ws("gpt", key) as c:
+        await send_message(c, "a long story [fault:cut]")
+        frames = await turn_frames(c)
+        await send_message(c, "again")  # the connection stays usable
+        after = await turn_frames(c)
+
+    assert [f["type"] for f in frames] == ["start", "delta", "delta", "error"]
+    error = frames[-1]
+    assert (error["code"], error["status"], error["run_id"]) == ("upstream_stream_cut", 502, frames[0]["run_id"])
+    run = await orm(Run.objects.get, pk=error["run_id"])
+    assert (run.status, run.error_code) == (Run.Status.FAILED, "upstream_stream_cut")
+    assert [(m.role, m.content) for m in await messages_of(run.session_id)][:2] == [
+        ("user", "a long story [fault:cut]"), ("assistant", "Echo: a ")]
+    [record] = await orm(lambda: list(UsageRecord.objects.filter(run_id=run.id)))
+    assert record.estimated and record.completion_tokens > 0 and record.model == "openai/gpt-4o-mini"
+    assert after[-1]["type"] == "done"
+
+
+async def test_an_error_frame_after_a_tool_step_carries_status_and_retry_after(make_agent, key, openai_settings):
+    await orm(make_agent, name="gpt", model="openai/gpt-4o-mini", skills=["calculator"])
+
+    async with ws("gpt", key) as c:
+        await send_message(c, '[call:calculator {"expression": "6*7"}] [fault-step:2] [fault:429] [retry-after:7]')
+        frames = await turn_frames(c)
+
+    assert [f["type"] for f in frames] == ["start", "tool_call", "tool_result", "error"]
+    error = frames[-1]
+    assert (error["code"], error["status"], error["retry_after"]) == ("upstream_rate_limited", 503, 7)
 
 
 # --- sessions ------------------------------------------------------------------------------

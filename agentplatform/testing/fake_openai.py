@@ -40,14 +40,30 @@ last user message (and removed from the echoed text):
     Wait MS milliseconds before responding (default ``--latency-ms``).
 ``[gap:MS]``
     Wait MS milliseconds between stream chunks (default ``--token-gap-ms``).
-``[fault:429|500|400|401|<any 4xx/5xx>|hang|cut]``
+``[fault:429|500|400|401|<any 4xx/5xx>|hang|cut|cut-clean|cut-event|cut-after-finish]``
     Fail. The same fault is triggered by a model name containing ``fault-429``,
-    ``fault-hang`` and so on, so a test can make one model fail and its fallback
-    succeed. 429 carries ``Retry-After: 1``; ``[retry-after:N]`` overrides it (and adds
-    the header to any other fault). ``hang`` never answers: it waits until the client
-    disconnects. ``cut`` streams the first couple of content chunks then closes the
-    connection (no finish chunk, no ``[DONE]``); without ``stream`` it sends the
-    headers with a Content-Length and only half of the body.
+    ``fault-hang``, ``fault-cut-clean`` and so on, so a test can make one model fail and
+    its fallback succeed. 429 carries ``Retry-After: 1``; ``[retry-after:N]`` overrides it
+    (and adds the header to any other fault). ``hang`` never answers: it waits until the
+    client disconnects. The stream cuts (without ``stream`` every one of them sends the
+    headers with a Content-Length and only half of the body, then closes):
+
+    * ``cut`` streams the role chunk and the first couple of deltas, then closes the
+      connection mid-body (no finish chunk, no ``[DONE]``, no end of the chunked body:
+      what a reset connection looks like to the client);
+    * ``cut-clean`` sends the same chunks, then ends the body properly: an HTTP-complete
+      stream without a finish chunk and without ``[DONE]`` (a proxy that gave up);
+    * ``cut-event`` sends the same chunks, then the first half of the next event's
+      ``data:`` line (mid-JSON, no blank line), then ends the body properly;
+    * ``cut-after-finish`` sends every chunk including the finish chunk, then closes
+      mid-body before the usage chunk and ``[DONE]``.
+``[cut-after:N]``
+    With ``cut``, ``cut-clean`` or ``cut-event``: send N chunks before the cut, the role
+    chunk included (default 3; 1: only the role chunk, no content).
+``[fault-step:N]``
+    Apply the fault only to step N of an agent's tool loop: the call whose conversation
+    has N-1 assistant messages after the last user message. Other calls answer normally,
+    so a test can fail the call that follows a tool result.
 ``[call:NAME]`` or ``[call:NAME {"json": "args"}]``
     When the last message is a user message: answer with a call to tool NAME
     (finish_reason ``tool_calls``, no content). Several directives give parallel calls.
@@ -124,9 +140,12 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # Directives: a word, a colon, a value without spaces, in brackets. [call:...] is parsed
 # separately because its JSON arguments may contain spaces and brackets.
-_DIRECTIVE_RE = re.compile(r"\[(tokens|latency|gap|fault|retry-after):\s*([^\]\s]*)\s*\]", re.I)
+_DIRECTIVE_RE = re.compile(
+    r"\[(tokens|latency|gap|fault|fault-step|retry-after|cut-after):\s*([^\]\s]*)\s*\]", re.I
+)
 _CALL_RE = re.compile(r"\[call:\s*([A-Za-z0-9_.\-]+)", re.I)
-_MODEL_FAULT_RE = re.compile(r"fault-(\d{3}|hang|cut)", re.I)
+_CUTS = ("cut", "cut-clean", "cut-event", "cut-after-finish")
+_MODEL_FAULT_RE = re.compile(r"fault-(\d{3}|hang|cut-clean|cut-event|cut-after-finish|cut)", re.I)
 _TOKEN_RE = re.compile(r"\S+\s*")
 _JSON_DECODER = json.JSONDecoder()
 
@@ -203,8 +222,9 @@ class _Reply:
     include_usage: bool = False
     latency_s: float = 0.0
     gap_s: float = 0.0
-    fault: str | None = None  # "429", "500", ..., "hang", "cut"
+    fault: str | None = None  # "429", "500", ..., "hang", one of _CUTS
     retry_after: str | None = None
+    cut_after: int = 3  # chunks a cut stream sends before it breaks, the role chunk included
     content: str | None = None
     tool_calls: list[tuple[str, str]] = field(default_factory=list)  # (name, arguments JSON)
     finish_reason: str = "stop"
@@ -252,6 +272,16 @@ def _parse_calls(text: str) -> tuple[list[tuple[str, str]], str]:
     return calls, "".join(rest)
 
 
+def _step(messages: list[dict[str, Any]]) -> int:
+    """Which call of an agent's tool loop this is: 1 + the assistant messages after the last user message."""
+    step = 1
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            break
+        step += message.get("role") == "assistant"
+    return step
+
+
 def plan_reply(payload: Any, config: FakeConfig) -> _Reply:
     """Decide the whole answer to a chat completion request (pure; raises _BadRequest)."""
     if not isinstance(payload, dict):
@@ -283,6 +313,7 @@ def plan_reply(payload: Any, config: FakeConfig) -> _Reply:
     latency_ms, gap_ms = config.latency_ms, config.token_gap_ms
     tokens: int | None = config.tokens or None  # a directive may ask for 0 words: an empty reply
     fault: str | None = None
+    fault_step: int | None = None
     if "[" in user_text:  # the common benchmark request has no directive: skip the regexes
         for match in _DIRECTIVE_RE.finditer(user_text):
             name, value = match.group(1).lower(), match.group(2)
@@ -296,15 +327,22 @@ def plan_reply(payload: Any, config: FakeConfig) -> _Reply:
                 gap_ms = _number(name, value)
             elif name == "retry-after":
                 reply.retry_after = str(int(_number(name, value)))
+            elif name == "cut-after":
+                reply.cut_after = max(1, int(_number(name, value)))
+            elif name == "fault-step":
+                fault_step = max(1, int(_number(name, value)))
             else:
                 fault = value.lower()
         user_text = _DIRECTIVE_RE.sub(" ", user_text)
     if fault is None and "fault-" in model.lower():
         if (match := _MODEL_FAULT_RE.search(model)) is not None:
             fault = match.group(1).lower()
-    if fault is not None and fault not in ("hang", "cut"):
+    if fault is not None and fault != "hang" and fault not in _CUTS:
         if not (fault.isdigit() and 400 <= int(fault) <= 599):
-            raise _BadRequest(f"Unknown fault {fault!r}: use a 4xx/5xx status, hang or cut.", code="invalid_directive")
+            raise _BadRequest(f"Unknown fault {fault!r}: use a 4xx/5xx status, hang or {', '.join(_CUTS)}.",
+                              code="invalid_directive")
+    if fault_step is not None and fault_step != _step(messages):
+        fault = None
     reply.fault = fault
     reply.latency_s = latency_ms / 1000
     reply.gap_s = gap_ms / 1000
@@ -591,7 +629,7 @@ class FakeOpenAI:
             while await reader.read(65536):
                 pass
             return False
-        if reply.fault is not None and reply.fault != "cut":
+        if reply.fault is not None and reply.fault not in _CUTS:
             status = int(reply.fault)
             type_, code, message = _FAULTS.get(status, _SERVER_FAULT)
             retry_after = reply.retry_after or ("1" if status == 429 else None)
@@ -621,7 +659,7 @@ class FakeOpenAI:
                 "usage": self._usage(reply),
             }
         ).encode()
-        if reply.fault == "cut":
+        if reply.fault in _CUTS:
             # Promise the whole body, deliver half, hang up: the client must see a
             # truncated response, not a short valid one.
             self._write(writer, 200, out[: len(out) // 2], False, length=len(out))
@@ -677,21 +715,31 @@ class FakeOpenAI:
             events.extend(f'{head}{{"content":{json.dumps(token)}}}{tail}' for token in tokens)
 
         finish = f'{head}{{}},"logprobs":null,"finish_reason":"{reply.finish_reason}"}}]{usage_null}}}\n\n'
-        if reply.fault == "cut":
-            events = events[:3]  # the role chunk and the first couple of deltas
-        else:
+        cut = reply.fault if reply.fault in _CUTS else None
+        payloads: list[bytes]
+        if cut is None:
             events.append(finish)
             if reply.include_usage:
                 envelope = head[len("data: ") : head.index(',"choices"')]
                 events.append(f'data: {envelope},"choices":[],"usage":{json.dumps(self._usage(reply))}}}\n\n')
-
-        self._write_stream_head(writer, keep_alive and reply.fault != "cut")
-        payloads = [event.encode() for event in events]
-        if reply.fault != "cut":
+            payloads = [event.encode() for event in events]
             payloads.append(_DONE_EVENT)
+        elif cut == "cut-after-finish":
+            payloads = [event.encode() for event in [*events, finish]]
+        else:
+            rest = [*events[reply.cut_after :], finish]
+            payloads = [event.encode() for event in events[: reply.cut_after]]
+            if cut == "cut-event":
+                half = rest[0].encode()
+                payloads.append(half[: len(half) // 2])  # mid-JSON, no blank line
+        # How the body ends: properly (the last chunk), or not at all (the connection closes mid-body).
+        ending = _LAST_CHUNK if cut in (None, "cut-clean", "cut-event") else b""
+
+        keep_alive = keep_alive and cut is None
+        self._write_stream_head(writer, keep_alive)
         if reply.gap_s <= 0:
             # No pacing asked: one write for the whole stream, each event its own chunk.
-            writer.write(b"".join(_http_chunk(p) for p in payloads) + (b"" if reply.fault == "cut" else _LAST_CHUNK))
+            writer.write(b"".join(_http_chunk(p) for p in payloads) + ending)
             await writer.drain()
         else:
             for i, p in enumerate(payloads):
@@ -701,12 +749,10 @@ class FakeOpenAI:
                 # drain() raises once the client is gone, which ends the stream early
                 # (what a cancelled request should cost an upstream).
                 await writer.drain()
-            if reply.fault != "cut":
-                writer.write(_LAST_CHUNK)
+            if ending:
+                writer.write(ending)
                 await writer.drain()
-        if reply.fault == "cut":
-            return False  # closing the socket mid-body is the fault
-        return keep_alive
+        return keep_alive  # a cut closes the connection: closing the socket mid-body is the fault
 
     def _write_stream_head(self, writer: asyncio.StreamWriter, keep_alive: bool) -> None:
         close = "" if keep_alive else "connection: close\r\n"

@@ -71,7 +71,22 @@ class TextDelta:
 
 
 class ProviderError(UpstreamError):
-    """A failed model call. `permanent` says whether a retry of the same call could help."""
+    """A failed model call. `permanent` says whether a retry of the same call could help.
+    `usage`: what the failed call costs when the upstream had accepted it (a stream that broke
+    after its 200: the prompt and what was produced, estimated unless the upstream reported
+    it); None for a call the upstream refused or never answered, which costs nothing."""
+
+    usage: Usage | None = None
+
+
+class ProviderStreamCut(ProviderError):
+    """A stream that ended before its answer was whole: neither a finish reason nor `[DONE]`
+    arrived (the connection closed or was reset mid-body, the body ended early, its last event
+    was cut off mid-JSON). Whatever it produced is no answer."""
+
+    http_status = 502
+    code = "upstream_stream_cut"
+    message = "The model provider's stream broke off before the answer was complete."
 
 
 class ProviderTimeout(ProviderError):

@@ -18,7 +18,8 @@ from typing import Any, AsyncIterator
 import httpx
 import openai
 
-from .base import Completion, ModelCall, Provider, ProviderError, ProviderTimeout, TextDelta, ToolCall, Usage, estimate_tokens
+from .base import (Completion, ModelCall, Provider, ProviderError, ProviderStreamCut, ProviderTimeout, TextDelta,
+                   ToolCall, Usage, estimate_tokens)
 
 
 def _retry_after(exc: openai.APIStatusError) -> float | None:
@@ -136,6 +137,12 @@ class OpenAICompatibleProvider(Provider):
                           finish_reason=choice.get("finish_reason") or "stop", model=data.get("model") or call.model)
 
     async def stream(self, call: ModelCall) -> AsyncIterator[TextDelta | Completion]:
+        """The answer's text as it comes, then the whole Completion. The answer is whole once a
+        finish reason or `[DONE]` arrived; a stream that ends or breaks with neither is
+        ProviderStreamCut. A connection that breaks after the finish reason lost only the
+        trailer (the usage chunk, `[DONE]`): the answer stands, its usage estimated if the usage
+        chunk was lost too (the openai SDK, too, accepts a stream that ends without `[DONE]`).
+        A failure after the upstream's 200 carries the call's `usage`."""
         client = self._client()
         kwargs = self._kwargs(call)
         timeout = kwargs.pop("timeout")
@@ -143,7 +150,15 @@ class OpenAICompatibleProvider(Provider):
         calls: dict[int, dict] = {}
         usage: Usage | None = None
         finish_reason = "stop"
+        finished = False  # a finish reason arrived
+        accepted = False  # the upstream answered 200: from here on the call costs tokens
         model = call.model
+
+        def failed(error: ProviderError) -> ProviderError:
+            if accepted:
+                error.usage = usage or _estimated_usage(call, "".join(parts), _tool_calls(calls))
+            return error
+
         try:
             # complete()'s door with stream=True: the SDK still sends the request (auth, base
             # URL, timeouts, its transport) and raises the status errors that come before the
@@ -153,6 +168,7 @@ class OpenAICompatibleProvider(Provider):
                 "/chat/completions", cast_to=httpx.Response,
                 body={**kwargs, "stream": True, "stream_options": {"include_usage": True}},
                 options={"timeout": timeout}, stream=True)
+            accepted = True
             try:
                 decoder = SSEDecoder()
                 done = False
@@ -186,21 +202,32 @@ class OpenAICompatibleProvider(Provider):
                                         slot["arguments"].append(function["arguments"])
                             if choice.get("finish_reason"):
                                 finish_reason = choice["finish_reason"]
+                                finished = True
                     if done:
                         break
+                if not (done or finished):
+                    # The body ended cleanly, or with an unfinished event (the decoder drops it).
+                    raise failed(ProviderStreamCut(
+                        f"{self.name}'s stream ended before the answer was complete (no finish reason, no [DONE])."))
             finally:
                 # Closing the response closes the upstream connection: a client that went
                 # away stops the generation we pay for.
                 await response.aclose()
-            tool_calls = [ToolCall(id=slot["id"] or f"call_{index}", name=slot["name"],
-                                   arguments="".join(slot["arguments"]) or "{}")
-                          for index, slot in sorted(calls.items())]
-            content = "".join(parts)
         except (openai.APIError, httpx.HTTPError, asyncio.TimeoutError) as exc:
-            raise provider_error(exc, self.name) from exc
+            # A bare transport error after the 200 (the SDK wraps those before it) is the
+            # connection breaking mid-body: reset, or closed before the body ended. A timeout
+            # stays a timeout; after the finish reason only the trailer is lost.
+            broke = accepted and isinstance(exc, httpx.TransportError) and not isinstance(exc, httpx.TimeoutException)
+            if not broke:
+                raise failed(provider_error(exc, self.name)) from exc
+            if not finished:
+                raise failed(ProviderStreamCut(f"{self.name} broke off the stream before the answer was complete "
+                                               f"({type(exc).__name__}).")) from exc
         except (ValueError, TypeError, AttributeError) as exc:  # JSON (and UTF-8) errors are ValueErrors
-            raise ProviderError(f"{self.name} sent a stream event that is not a chat completion chunk.",
-                                code="upstream_bad_response") from exc
+            raise failed(ProviderError(f"{self.name} sent a stream event that is not a chat completion chunk.",
+                                       code="upstream_bad_response")) from exc
+        tool_calls = _tool_calls(calls)
+        content = "".join(parts)
         if usage is None:
             usage = _estimated_usage(call, content, tool_calls)
         yield Completion(content=content, tool_calls=tool_calls, usage=usage, finish_reason=finish_reason, model=model)
@@ -264,6 +291,12 @@ class SSEDecoder:
                 data.append(b"")
         self._data = data
         return events
+
+
+def _tool_calls(calls: dict[int, dict]) -> list[ToolCall]:
+    """The streamed tool calls, their fragments joined, in index order."""
+    return [ToolCall(id=slot["id"] or f"call_{index}", name=slot["name"], arguments="".join(slot["arguments"]) or "{}")
+            for index, slot in sorted(calls.items())]
 
 
 def _estimated_usage(call: ModelCall, content: str, tool_calls: list[ToolCall]) -> Usage:
