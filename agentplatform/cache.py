@@ -14,6 +14,7 @@ import asyncio
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.core.cache import caches
 from django.core.cache.backends.locmem import LocMemCache
 from django.core.signals import setting_changed
@@ -32,6 +33,19 @@ def _async_redis(url: str):
         _redis_clients.clear()  # one loop per server process; forget clients of finished loops
         _redis_clients[loop_id] = client
     return client
+
+
+def redis_url() -> str:
+    """The Redis that state shared by all workers lives in (rate limits, circuit breakers):
+    REDIS_URL, else the django-redis cache's server; "" when there is none (the embedded
+    default keeps such state in the process)."""
+    if settings.REDIS_URL:
+        return settings.REDIS_URL
+    backend = caches["default"]
+    if type(backend).__module__.startswith("django_redis"):
+        server = backend._server  # type: ignore[attr-defined]
+        return server[0] if isinstance(server, (list, tuple)) else server
+    return ""
 
 
 async def cache_get_many(keys: list[str]) -> dict[str, Any]:

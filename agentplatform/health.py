@@ -2,7 +2,8 @@
 
 /health and /health/ready are open (load balancers and orchestrators probe them without
 credentials); /health touches nothing, /health/ready names each dependency's state but never
-a connection string or secret. /metrics needs METRICS_TOKEN or an admin-role API key.
+a connection string or secret, and lists the model circuits that are open (informational:
+they do not make it 503). /metrics needs METRICS_TOKEN or an admin-role API key.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
+from .circuit import open_circuits
 from .db import run_db
 from .errors import AuthenticationFailed, PermissionDenied, error_response
 from .methods import http_methods
@@ -87,13 +89,32 @@ async def _run(name: str, check) -> tuple[str, dict]:
     return name, result
 
 
+async def _circuits() -> dict:
+    """The model circuits that are not closed. Reported, never a reason for 503: an open circuit
+    is an upstream's failure, shared by every worker (taking this one out of the load balancer
+    would not help), and fallback models may still answer; GET /api/v1/agents/{name}/health
+    says what that means for an agent."""
+    started = time.perf_counter()
+    try:
+        found = await asyncio.wait_for(open_circuits(), CHECK_TIMEOUT)
+        result = {"status": "degraded" if found else "ok",
+                  "detail": f"{len(found)} not closed" if found else "all closed",
+                  "open": [{"model": c.name, **c.as_dict()} for c in found]}
+    except Exception as exc:  # report, never raise
+        result = {"status": "error", "detail": type(exc).__name__, "open": []}
+    result["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    return result
+
+
 @http_methods("GET")
 async def readiness(request: HttpRequest) -> JsonResponse:
-    checks = dict(await asyncio.gather(
+    *dependencies, circuits = await asyncio.gather(
         _run("database", _check_database), _run("cache", _check_cache),
-        _run("channel_layer", _check_channel_layer), _run("broker", _check_broker)))
+        _run("channel_layer", _check_channel_layer), _run("broker", _check_broker), _circuits())
+    checks = dict(dependencies)
     ok = all(c["status"] == "ok" for c in checks.values())
-    return JsonResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
+    return JsonResponse({"status": "ok" if ok else "unavailable", "checks": {**checks, "circuits": circuits}},
+                        status=200 if ok else 503)
 
 
 @http_methods("GET")

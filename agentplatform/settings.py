@@ -323,6 +323,26 @@ AGENT_HISTORY_LIMIT = env.int("AGENT_HISTORY_LIMIT", default=50)
 # How long resolved agents and API keys stay in the shared cache (saves invalidate at once).
 AGENT_CACHE_SECONDS = env.int("AGENT_CACHE_SECONDS", default=300)
 SSE_HEARTBEAT_SECONDS = env.float("SSE_HEARTBEAT_SECONDS", default=15.0)
+# Resilience of model calls (agents.resilience, agentplatform.circuit; README "Resilience"). The
+# agent's timeout_seconds bounds its whole run; these shape what happens inside it.
+# Retries of a failed call on the same model (an agent's max_retries overrides it), the
+# backoff's base, and the longest single wait (a longer Retry-After is not waited out).
+LLM_MAX_RETRIES = env.int("LLM_MAX_RETRIES", default=2)
+LLM_RETRY_BASE_SECONDS = env.float("LLM_RETRY_BASE_SECONDS", default=0.5)
+LLM_RETRY_MAX_WAIT_SECONDS = env.float("LLM_RETRY_MAX_WAIT_SECONDS", default=10.0)
+# A stream must send its first token, and then each next part, within these (0: no limit).
+LLM_FIRST_TOKEN_TIMEOUT_SECONDS = env.float("LLM_FIRST_TOKEN_TIMEOUT_SECONDS", default=30.0)
+LLM_STREAM_IDLE_TIMEOUT_SECONDS = env.float("LLM_STREAM_IDLE_TIMEOUT_SECONDS", default=30.0)
+# A provider/model's circuit opens after this many failures in a row (0: no circuit breakers),
+# the first at most CIRCUIT_WINDOW_SECONDS ago, and lets a probe through after the cool-down.
+CIRCUIT_FAILURE_THRESHOLD = env.int("CIRCUIT_FAILURE_THRESHOLD", default=5)
+CIRCUIT_WINDOW_SECONDS = env.float("CIRCUIT_WINDOW_SECONDS", default=60.0)
+CIRCUIT_COOLDOWN_SECONDS = env.float("CIRCUIT_COOLDOWN_SECONDS", default=30.0)
+if min(LLM_MAX_RETRIES, LLM_RETRY_BASE_SECONDS, LLM_RETRY_MAX_WAIT_SECONDS, LLM_FIRST_TOKEN_TIMEOUT_SECONDS,
+       LLM_STREAM_IDLE_TIMEOUT_SECONDS, CIRCUIT_FAILURE_THRESHOLD) < 0 \
+        or CIRCUIT_WINDOW_SECONDS <= 0 or CIRCUIT_COOLDOWN_SECONDS <= 0:
+    raise ImproperlyConfigured("LLM_MAX_RETRIES, LLM_RETRY_*, LLM_*_TIMEOUT_SECONDS and CIRCUIT_FAILURE_THRESHOLD "
+                               "must be >= 0, CIRCUIT_WINDOW_SECONDS and CIRCUIT_COOLDOWN_SECONDS > 0.")
 # WebSocket chat (agents.consumers). Larger client frames get an error frame `frame_too_large`
 # (daphne itself closes with 1009 above its --websocket-max-message-size, 1 MiB by default).
 WS_MAX_FRAME_BYTES = env.int("WS_MAX_FRAME_BYTES", default=524_288)

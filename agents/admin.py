@@ -163,7 +163,7 @@ class AgentAdmin(AuditedAdminMixin, PrettyJSONMixin, admin.ModelAdmin):
     fieldsets = [
         ("Identity", {"fields": ["name", "description", "enabled"]}),
         ("Model", {
-            "fields": ["model", "temperature", "max_tokens", "timeout_seconds", "fallback_models"],
+            "fields": ["model", "temperature", "max_tokens", "timeout_seconds", "max_retries", "fallback_models"],
             "description": 'fallback_models: a JSON list such as ["openai/gpt-4o-mini"], tried in order when '
                            "the primary model fails with a retryable error before answering.",
         }),

@@ -196,6 +196,7 @@ AGENT_KEYS: dict[str, _TypeRule] = {
     "temperature": (_is_number, "a finite number"),
     "max_tokens": (_is_int, "an integer"),
     "timeout_seconds": (_is_int, "an integer"),
+    "max_retries": (lambda v: v is None or _is_int(v), "an integer, or null for the LLM_MAX_RETRIES setting"),
     "enabled": (lambda v: isinstance(v, bool), "true or false"),
     "metadata": (lambda v: isinstance(v, dict) and _is_json(v),
                  "a JSON object (quote dates: YAML reads 2024-01-01 as a date)"),

@@ -51,7 +51,12 @@ class Agent(models.Model):
     max_tokens = models.PositiveIntegerField(default=1024, validators=[MinValueValidator(1), MaxValueValidator(200_000)])
     # Tried in order when the primary model fails with a retryable error before answering.
     fallback_models = models.JSONField(default=list, blank=True)
+    # The whole run's deadline: every call, retry, fallback and tool step (agents.resilience).
     timeout_seconds = models.PositiveIntegerField(default=60, validators=[MinValueValidator(1), MaxValueValidator(3600)])
+    max_retries = models.PositiveSmallIntegerField(
+        null=True, blank=True, validators=[MaxValueValidator(10)],
+        help_text="Retries of a failed model call on the same model (transient failures only); "
+                  "empty: the LLM_MAX_RETRIES setting.")
     enabled = models.BooleanField(default=True)
     # Governance per agent: an optional requests/min limit across all keys, masking of stored
     # transcripts, and what to do with a message the prompt-injection heuristic flags.

@@ -338,14 +338,8 @@ class ChatTurn:
 
 def _model_of(run: AgentRun) -> str:
     """The model that answered; for a run that ended before any answered (cancelled, failed),
-    the one it was calling: the last that failed, else the agent's model or the fallback in
-    flight (each failed call moved on to the next model)."""
-    if run.model:
-        return run.model
-    if run.error is not None and run.calls:
-        return run.calls[-1].model
-    models = [run.agent.model, *run.agent.fallback_models]
-    return models[min(len(run.calls), len(models) - 1)]
+    the one it was calling (the last that failed, or was skipped with its circuit open)."""
+    return run.model or run.model_in_flight or run.agent.model
 
 
 def _same(text: str) -> str:

@@ -9,8 +9,11 @@
 
 The loop: call the model with the agent's skills as tools; run the calls it makes (in
 parallel), append their results, call again; at most AGENT_MAX_STEPS calls, the last one
-without tools so it has to answer. A failed call falls back to the agent's next model as
-long as nothing of that call's answer was sent yet. The AgentRun object keeps what the
+without tools so it has to answer. A failed call is retried with backoff when its error is
+transient, then falls back to the agent's next model, as long as nothing of that call's answer
+was sent yet; a model whose circuit is open is skipped without a call; the agent's
+timeout_seconds bounds the whole run (agents.resilience has the rules). Every attempt is a call
+of its own in `calls` (metered, failed ones included). The AgentRun object keeps what the
 pipeline persists (output, messages produced, per-call usage), also when the consumer stops
 early (client gone, cancel).
 """
@@ -19,14 +22,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from django.conf import settings
 
+from agentplatform.circuit import ALLOWED, circuit_acquire, circuit_failure, circuit_success
 from agentplatform.errors import PlatformError
 
 from .providers import Completion, ModelCall, ProviderError, TextDelta, Usage, provider_for
+from .providers.base import ProviderTimeout
+from .resilience import (
+    Deadline,
+    RunTimeout,
+    circuit_open_error,
+    counts_against_circuit,
+    max_retries,
+    retry_delay,
+)
 from .selectors import AgentSpec
 from .skills import skill_execute
 from .skills.base import SkillContext, tool_definition
@@ -65,6 +79,10 @@ class AgentRun:
     produced: list[dict] = field(default_factory=list)
     error: PlatformError | None = None
     finished: bool = False
+    # The model being called (or last called, or skipped: its circuit open): what a run that
+    # ended before any model answered is recorded with, and what its call in flight is billed as.
+    model_in_flight: str = ""
+    deadline: Deadline | None = None
     _pending_text: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -88,49 +106,80 @@ class AgentRun:
         conversation = list(self.messages)
         models = [agent.model, *agent.fallback_models]
         model_index = 0
+        retries_allowed = max_retries(agent)
+        deadline = self.deadline = Deadline(float(agent.timeout_seconds))
         for step in range(self.max_steps):
             last_step = step == self.max_steps - 1
             completion: Completion | None = None
-            while completion is None:
+            retries = 0  # made on models[model_index] in this step
+            while True:
                 model = models[model_index]
-                call = ModelCall(model="", messages=conversation, tools=None if last_step else tools,
-                                 temperature=self.temperature if self.temperature is not None else agent.temperature,
-                                 max_tokens=self.max_tokens or agent.max_tokens, timeout=float(agent.timeout_seconds))
-                started = time.perf_counter()
-                sent_any = False
-                try:
-                    provider, name = provider_for(model)
-                    call = ModelCall(**{**call.__dict__, "model": name})
-                    if self.stream:
-                        async for part in provider.stream(call):
-                            if isinstance(part, TextDelta):
-                                sent_any = True
-                                self._pending_text.append(part.content)
-                                yield {"type": "delta", "content": part.content}
-                            else:
-                                completion = part
+                self.model_in_flight = model
+                failure: PlatformError | None = None
+                sent_any = opened = False
+                permit = ALLOWED
+                if deadline.expired:
+                    failure = deadline.error()
+                else:
+                    permit = await circuit_acquire(model, lease_seconds=deadline.remaining())
+                    if not permit.allowed:
+                        failure = circuit_open_error(model, permit.retry_after)
+                if failure is None:
+                    call = ModelCall(model="", messages=conversation, tools=None if last_step else tools,
+                                     temperature=agent.temperature if self.temperature is None else self.temperature,
+                                     max_tokens=self.max_tokens or agent.max_tokens)
+                    started = time.perf_counter()
+                    try:
+                        async with aclosing(self._attempt(model, call, deadline)) as parts:
+                            async for part in parts:
+                                if isinstance(part, TextDelta):
+                                    sent_any = True
+                                    self._pending_text.append(part.content)
+                                    yield {"type": "delta", "content": part.content}
+                                else:
+                                    completion = part
+                    except ProviderError as exc:
+                        failure = exc
+                    except TimeoutError:  # the run's deadline (_attempt's own limits raise ProviderTimeout)
+                        failure = deadline.error()
+                    latency_ms = int((time.perf_counter() - started) * 1000)
+                    if failure is None:
+                        await circuit_success(model, permit)
                     else:
-                        completion = await asyncio.wait_for(provider.complete(call), agent.timeout_seconds + 1)
-                except (ProviderError, asyncio.TimeoutError) as exc:
-                    err = exc if isinstance(exc, ProviderError) else ProviderError(
-                        "The model provider did not answer in time.", code="upstream_timeout", http_status=504)
-                    # A call the upstream accepted costs what it produced (a cut stream: estimated).
-                    usage = err.usage or Usage(0, 0)
-                    self.calls.append(CallRecord(model=model, usage=usage, ok=False, error_code=err.code,
-                                                 latency_ms=int((time.perf_counter() - started) * 1000)))
-                    self.usage.add(usage)
-                    # Part of the answer is out already: another model cannot take it back.
-                    if sent_any or model_index + 1 >= len(models):
-                        self.error = err
-                        yield self._error_event(err)
-                        return
-                    model_index += 1
-                    continue
-                self._pending_text.clear()
-                self.calls.append(CallRecord(model=model, usage=completion.usage, ok=True,
-                                             latency_ms=int((time.perf_counter() - started) * 1000)))
-                self.usage.add(completion.usage)
-                self.model = model
+                        completion = None
+                        # A call the upstream accepted costs what it produced (a cut stream: estimated).
+                        usage = getattr(failure, "usage", None) or Usage(0, 0)
+                        self.calls.append(CallRecord(model=model, usage=usage, ok=False,
+                                                     error_code=failure.code, latency_ms=latency_ms))
+                        self.usage.add(usage)
+                        if isinstance(failure, RunTimeout) or counts_against_circuit(failure):
+                            opened = await circuit_failure(model)
+                        elif getattr(failure, "upstream_status", None) is not None:
+                            # The model answered (a 4xx the request caused): it is up.
+                            await circuit_success(model, permit)
+                if failure is None:
+                    assert completion is not None
+                    self._pending_text.clear()
+                    self.calls.append(CallRecord(model=model, usage=completion.usage, ok=True, latency_ms=latency_ms))
+                    self.usage.add(completion.usage)
+                    self.model = model
+                    break
+                # Part of the answer is out already: neither a retry nor another model can take it
+                # back. Past the deadline, nothing is tried any more.
+                if sent_any or isinstance(failure, RunTimeout) or deadline.expired:
+                    yield self._fail(deadline.error() if deadline.expired else failure)
+                    return
+                if permit.allowed and not opened and retries < retries_allowed:
+                    delay = retry_delay(failure, retries, deadline.remaining())
+                    if delay is not None:
+                        retries += 1
+                        await asyncio.sleep(delay)
+                        continue
+                if model_index + 1 >= len(models):
+                    yield self._fail(failure)
+                    return
+                model_index += 1
+                retries = 0
             if not self.stream and completion.content:
                 yield {"type": "delta", "content": completion.content}
             if completion.content:
@@ -147,9 +196,14 @@ class AgentRun:
                 for tc in calls]})
             for tc in calls:
                 yield {"type": "tool_call", "id": tc.id, "name": tc.name, "arguments": tc.arguments}
-            results = await asyncio.gather(*(
-                skill_execute(skill=skills[tc.name], arguments=tc.arguments, context=context) if tc.name in skills
-                else _unknown_tool(tc.name) for tc in calls))
+            try:
+                async with asyncio.timeout(deadline.remaining()):
+                    results = await asyncio.gather(*(
+                        skill_execute(skill=skills[tc.name], arguments=tc.arguments, context=context)
+                        if tc.name in skills else _unknown_tool(tc.name) for tc in calls))
+            except TimeoutError:
+                yield self._fail(deadline.error())
+                return
             for tc, result in zip(calls, results):
                 record = {"id": tc.id, "name": tc.name, "arguments": tc.arguments, "result": result.content,
                           "is_error": result.is_error}
@@ -162,9 +216,44 @@ class AgentRun:
         yield {"type": "usage", **self.usage.as_dict()}
         yield {"type": "done", "output": self.output, "model": self.model, "finish_reason": self.finish_reason}
 
-    @staticmethod
-    def _error_event(err: PlatformError) -> dict:
+    def _fail(self, err: PlatformError) -> dict:
+        """End the run with `err`: its `error` event."""
+        self.error = err
         return {"type": "error", "code": err.code, "message": err.message, "status": err.http_status}
+
+    async def _attempt(self, model: str, call: ModelCall, deadline: Deadline) -> AsyncIterator[TextDelta | Completion]:
+        """One call of `model`: its parts (text deltas when streaming, then the Completion),
+        each awaited within the run's deadline (TimeoutError) and a stream's first-token and
+        idle limits (ProviderTimeout). No part is yielded inside a timeout scope: the consumer's
+        time between parts must not be cancelled by it."""
+        provider, name = provider_for(model)
+        # The SDK's own timeout sits just past the deadline, so that the deadline fires first.
+        call = replace(call, model=name, timeout=deadline.remaining() + 0.5)
+        if not self.stream:
+            async with asyncio.timeout(deadline.remaining()):
+                completion = await provider.complete(call)
+            yield completion
+            return
+        first_token, idle = settings.LLM_FIRST_TOKEN_TIMEOUT_SECONDS, settings.LLM_STREAM_IDLE_TIMEOUT_SECONDS
+        got_one = False
+        async with aclosing(provider.stream(call)) as stream:
+            parts = aiter(stream)
+            while True:
+                gap = idle if got_one else first_token
+                remaining = deadline.remaining()
+                own_limit = 0 < gap < remaining
+                try:
+                    async with asyncio.timeout(gap if own_limit else remaining) as scope:
+                        part = await anext(parts)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    if own_limit and scope.expired():
+                        what = "sent nothing more" if got_one else "sent no first token"
+                        raise ProviderTimeout(f"{provider.name} {what} within {gap:g} s.") from None
+                    raise
+                got_one = True
+                yield part
 
 
 async def _unknown_tool(name: str):

@@ -38,6 +38,7 @@ class AgentSpec:
     rate_limit_rpm: int | None = None
     mask_transcripts: bool = False
     block_prompt_injection: bool = False
+    max_retries: int | None = None  # None: settings.LLM_MAX_RETRIES
 
     def as_dict(self) -> dict:
         return {"id": self.id, "name": self.name, "description": self.description, "model": self.model,
@@ -46,7 +47,7 @@ class AgentSpec:
                 "timeout_seconds": self.timeout_seconds, "enabled": self.enabled,
                 "skills": [s.as_dict() for s in self.skills], "metadata": self.metadata,
                 "rate_limit_rpm": self.rate_limit_rpm, "mask_transcripts": self.mask_transcripts,
-                "block_prompt_injection": self.block_prompt_injection}
+                "block_prompt_injection": self.block_prompt_injection, "max_retries": self.max_retries}
 
     @classmethod
     def from_dict(cls, d: dict) -> "AgentSpec":
@@ -56,7 +57,7 @@ class AgentSpec:
                    enabled=d["enabled"], skills=tuple(SkillSpec.from_dict(s) for s in d["skills"]),
                    metadata=d.get("metadata") or {}, rate_limit_rpm=d.get("rate_limit_rpm"),
                    mask_transcripts=bool(d.get("mask_transcripts")),
-                   block_prompt_injection=bool(d.get("block_prompt_injection")))
+                   block_prompt_injection=bool(d.get("block_prompt_injection")), max_retries=d.get("max_retries"))
 
 
 def agent_cache_key(name: str) -> str:
@@ -75,7 +76,7 @@ def agent_spec_from_model(agent: Agent) -> AgentSpec:
                      fallback_models=tuple(agent.fallback_models or ()), timeout_seconds=agent.timeout_seconds,
                      enabled=agent.enabled, skills=skills, metadata=agent.metadata or {},
                      rate_limit_rpm=agent.rate_limit_rpm, mask_transcripts=agent.mask_transcripts,
-                     block_prompt_injection=agent.block_prompt_injection)
+                     block_prompt_injection=agent.block_prompt_injection, max_retries=agent.max_retries)
 
 
 def agents_with_skills():

@@ -72,6 +72,7 @@ class AgentSerializer(serializers.Serializer):
     temperature = serializers.FloatField()
     max_tokens = serializers.IntegerField()
     timeout_seconds = serializers.IntegerField()
+    max_retries = serializers.IntegerField(allow_null=True, help_text="null: the LLM_MAX_RETRIES setting.")
     skills = SkillSummarySerializer(many=True)
 
 

@@ -24,6 +24,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from agentplatform.asyncviews import AsyncAPIView, client_ip, parse_json_body, require_principal, with_headers
+from agentplatform.circuit import OPEN, circuit_states
 from agentplatform.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from governance.audit import audit_actor
 from governance.idempotency import idempotent
@@ -68,7 +69,7 @@ def _agent_payload(agent, *, detail: bool = False) -> dict:
     data = {
         "name": agent.name, "description": agent.description, "model": agent.model,
         "fallback_models": list(agent.fallback_models), "temperature": agent.temperature,
-        "max_tokens": agent.max_tokens, "timeout_seconds": agent.timeout_seconds,
+        "max_tokens": agent.max_tokens, "timeout_seconds": agent.timeout_seconds, "max_retries": agent.max_retries,
         "skills": [{"name": s.name, "description": s.description, "kind": s.kind, "parameters": s.parameters}
                    for s in agent.skills],
     }
@@ -146,8 +147,8 @@ class AgentListView(generics.GenericAPIView):
                               409: OpenApiResponse(description="An agent with this name exists (maybe disabled).")},
                    description="Developer or admin key not restricted to some agents. The body is one agent "
                                "definition as in an agents file: `name`, `model` (required), `description`, "
-                               "`system_prompt`, `temperature`, `max_tokens`, `timeout_seconds`, `enabled`, "
-                               "`metadata`, `skills` (names), `fallback_models`.")
+                               "`system_prompt`, `temperature`, `max_tokens`, `timeout_seconds`, `max_retries`, "
+                               "`enabled`, `metadata`, `skills` (names), `fallback_models`.")
     def post(self, request: Request) -> Response:
         if request.user.agents is not None:
             raise PermissionDenied("An API key restricted to some agents may not create agents.",
@@ -213,27 +214,35 @@ class AgentDetailView(APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class AgentHealthView(APIView):
-    """Whether the agent can answer: its models' providers are configured and its skills enabled."""
+class AgentHealthView(AsyncAPIView):
+    """Whether the agent can answer: its models' providers are configured, their circuits not
+    open, and its skills enabled."""
 
-    @extend_schema(responses={200: OpenApiTypes.OBJECT, 404: ERRORS[404]})
-    def get(self, request: Request, name: str) -> Response:
-        agent = _visible_agent(request, name)
+    @extend_schema(responses={200: OpenApiTypes.OBJECT, 404: ERRORS[404]},
+                   description="Per model: `available`, `detail` and its `circuit` {state: closed|open|half_open, "
+                               "failures, retry_at}. `ok` when the primary model is available, `degraded` when "
+                               "only a fallback is, `unavailable` (503) when none is.")
+    async def get(self, request, name: str):
+        principal, agent = await principal_and_agent(presented_key(request.headers), name)
+        agent = authorize_agent(require_principal(principal), agent, name)
+        names = [agent.model, *agent.fallback_models]
         models = []
-        for model in (agent.model, *agent.fallback_models):
+        for model, circuit in zip(names, await circuit_states(names)):
             try:
                 provider, _ = provider_for(model)
                 configured = provider.name == "local" or bool(getattr(provider, "api_key", ""))
                 detail = "ok" if configured else f"the {provider.name} provider has no API key configured"
             except ProviderError as exc:
                 configured, detail = False, exc.message
-            models.append({"model": model, "available": configured, "detail": detail})
+            available = configured and circuit.state != OPEN
+            if configured and not available:
+                detail = f"failing: its circuit is open until {circuit.as_dict()['retry_at']}"
+            models.append({"model": model, "available": available, "detail": detail, "circuit": circuit.as_dict()})
         primary_ok = models[0]["available"]
         any_ok = any(m["available"] for m in models)
         state = "ok" if primary_ok else ("degraded" if any_ok else "unavailable")
-        return Response({"agent": agent.name, "status": state, "models": models,
-                         "skills": [s.name for s in agent.skills]},
-                        status=status.HTTP_200_OK if any_ok else status.HTTP_503_SERVICE_UNAVAILABLE)
+        return JsonResponse({"agent": agent.name, "status": state, "models": models,
+                             "skills": [s.name for s in agent.skills]}, status=200 if any_ok else 503)
 
 
 class ChatView(AsyncAPIView):

@@ -62,7 +62,7 @@ def metered_calls(turn, prices: list[dict]) -> list[MeteredCall]:
                             estimated=not usage.reported, price=price_from(prices, call.model, at)))
     in_flight = run.partial_output[len(run.output):]
     if turn.status == Run.Status.CANCELLED and not run.finished and run.error is None and in_flight:
-        model = _in_flight_model(turn.agent, calls)
+        model = run.model_in_flight or turn.agent.model
         prompt, completion = _estimate(run, in_flight)
         out.append(_metered(model, prompt, 0, completion, estimated=True, price=price_from(prices, model, at)))
     return out
@@ -72,12 +72,6 @@ def _metered(model: str, prompt: int, cached: int, completion: int, *, estimated
     return MeteredCall(model=model, prompt_tokens=prompt, cached_prompt_tokens=cached, completion_tokens=completion,
                        cost_usd=call_cost(prompt, completion, price, cached_prompt_tokens=cached),
                        estimated=estimated, priced=price.priced)
-
-
-def _in_flight_model(agent, calls) -> str:
-    # The runtime moves to the next fallback after each failed call and never moves back.
-    models = [agent.model, *agent.fallback_models]
-    return models[min(sum(1 for c in calls if not c.ok), len(models) - 1)]
 
 
 def _estimate(run, text: str) -> tuple[int, int]:

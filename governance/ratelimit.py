@@ -52,11 +52,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from django.conf import settings
 from django.core.cache import caches
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
+from agentplatform.cache import redis_url
 from agentplatform.errors import PlatformError
 
 logger = logging.getLogger("governance.ratelimit")
@@ -426,23 +426,13 @@ class CacheWindow:
             self._get(limit.key, now).add(now, member, tokens)
 
 
-def _redis_url() -> str:
-    if settings.REDIS_URL:
-        return settings.REDIS_URL
-    backend = caches["default"]
-    if type(backend).__module__.startswith("django_redis"):
-        server = backend._server  # type: ignore[attr-defined]
-        return server[0] if isinstance(server, (list, tuple)) else server
-    return ""
-
-
 _backend_cache: RedisWindow | CacheWindow | None = None
 
 
 def rate_limit_backend() -> RedisWindow | CacheWindow:
     global _backend_cache
     if _backend_cache is None:
-        url = _redis_url()
+        url = redis_url()
         _backend_cache = RedisWindow(url) if url else CacheWindow()
     return _backend_cache
 

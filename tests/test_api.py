@@ -139,7 +139,8 @@ async def test_it_reports_a_local_agent_healthy(agents, key):
 
     assert response.status_code == 200
     assert response.json() == {"agent": "calc", "status": "ok", "skills": ["calculator"],
-                               "models": [{"model": "local/demo", "available": True, "detail": "ok"}]}
+                               "models": [{"model": "local/demo", "available": True, "detail": "ok",
+                                           "circuit": {"state": "closed", "failures": 0, "retry_at": None}}]}
 
 
 async def test_it_reports_an_agent_unavailable_without_its_providers_key(make_agent, key, settings):
@@ -732,11 +733,12 @@ async def test_it_falls_back_to_the_next_model(make_agent, key, openai_settings,
     assert body["output"] == "Echo: hi"
     run = await orm(Run.objects.get, pk=body["id"])
     assert run.status == Run.Status.SUCCEEDED
-    assert run.steps == 2
+    assert run.steps == 4
     assert run.model == "openai/good-model"
+    # The failure was retried twice (LLM_MAX_RETRIES) on the same model before the fallback.
     assert [(c["model"], c["ok"]) for c in run.metadata["calls"]] == [
-        (f"openai/fault-{fault}-model", False), ("openai/good-model", True)]
-    assert fake_upstream.stats()["by_model"] == {f"fault-{fault}-model": 1, "good-model": 1}
+        (f"openai/fault-{fault}-model", False)] * 3 + [("openai/good-model", True)]
+    assert fake_upstream.stats()["by_model"] == {f"fault-{fault}-model": 3, "good-model": 1}
 
 
 async def test_it_answers_502_when_every_model_fails(make_agent, key, openai_settings):
@@ -748,7 +750,7 @@ async def test_it_answers_502_when_every_model_fails(make_agent, key, openai_set
     assert error["type"] == "api_error"
     run = await orm(Run.objects.get, agent__name="gpt")
     assert run.status == Run.Status.FAILED
-    assert run.steps == 2
+    assert run.steps == 6  # each model: one call and two retries
     assert run.error_code == "upstream_error"
     assert run.error_message == error["message"]
 
@@ -756,11 +758,12 @@ async def test_it_answers_502_when_every_model_fails(make_agent, key, openai_set
 async def test_it_maps_an_upstream_rate_limit(make_agent, key, openai_settings):
     await orm(make_agent, name="gpt", model="openai/gpt-4o-mini")
 
-    response = await Api(key).post(CHAT.format("gpt"), {"message": "hi [fault:429] [retry-after:7]"})
+    response = await Api(key).post(CHAT.format("gpt"), {"message": "hi [fault:429] [retry-after:30]"})
 
-    # Our upstream limits us, not the caller: 503 with the upstream's Retry-After.
+    # Our upstream limits us, not the caller: 503 with the upstream's Retry-After (longer than
+    # LLM_RETRY_MAX_WAIT_SECONDS, so not waited out here).
     assert_error(response, 503, "upstream_rate_limited")
-    assert response.headers["Retry-After"] == "7"
+    assert response.headers["Retry-After"] == "30"
     assert (await orm(Run.objects.get, agent__name="gpt")).status == Run.Status.FAILED
 
 
@@ -769,9 +772,9 @@ async def test_it_times_out_a_silent_upstream(make_agent, key, openai_settings):
 
     response = await Api(key).post(CHAT.format("gpt"), {"message": "hi [fault:hang]"})
 
-    assert_error(response, 504, "upstream_timeout")
+    assert_error(response, 504, "timeout")
     run = await orm(Run.objects.get, agent__name="gpt")
-    assert run.status == Run.Status.FAILED and run.error_code == "upstream_timeout"
+    assert run.status == Run.Status.FAILED and run.error_code == "timeout"
 
 
 async def test_it_says_when_a_provider_has_no_key(make_agent, key, settings):
@@ -797,8 +800,9 @@ async def test_it_answers_readiness_with_each_dependency():
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "ok"
-    assert set(body["checks"]) == {"database", "cache", "channel_layer", "broker"}
+    assert set(body["checks"]) == {"database", "cache", "channel_layer", "broker", "circuits"}
     assert all(c["status"] == "ok" for c in body["checks"].values())
+    assert body["checks"]["circuits"]["open"] == []
     assert body["checks"]["database"]["detail"] in ("sqlite", "postgresql")
 
 

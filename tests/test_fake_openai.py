@@ -249,6 +249,26 @@ def test_it_raises_rate_limit_with_retry_after(client: openai.OpenAI) -> None:
     assert by_model.value.response.headers["retry-after"] == "7"
 
 
+def test_it_fails_only_the_first_requests_with_fault_times(server: FakeOpenAIServer, client: openai.OpenAI) -> None:
+    server.reset()
+    ask = user("once [fault:503] [fault-times:2] [retry-after-ms:250]")
+    failures = []
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError) as failed:
+            client.chat.completions.create(model="m", messages=ask)
+        failures.append(failed.value)
+    recovered = client.chat.completions.create(model="m", messages=ask)
+    with pytest.raises(openai.InternalServerError):  # counted per model and message
+        client.chat.completions.create(model="n", messages=ask)
+
+    assert [f.status_code for f in failures] == [503, 503]
+    assert failures[0].response.headers["retry-after-ms"] == "250"
+    assert recovered.choices[0].message.content == "Echo: once"
+    server.reset()  # forgets the counts
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="m", messages=ask)
+
+
 def test_it_fails_one_model_while_its_fallback_answers(client: openai.OpenAI) -> None:
     with pytest.raises(openai.InternalServerError) as failed:
         client.chat.completions.create(model="primary-fault-500", messages=user("hi"))

@@ -190,7 +190,7 @@ def test_it_is_ready(daphne):
     assert response.status_code == 200
     checks = response.json()["checks"]
     assert {name: c["status"] for name, c in checks.items()} == {
-        "database": "ok", "cache": "ok", "channel_layer": "ok", "broker": "ok"}
+        "database": "ok", "cache": "ok", "channel_layer": "ok", "broker": "ok", "circuits": "ok"}
 
 
 def test_it_keeps_a_cancelled_run_when_the_client_hangs_up(daphne):

@@ -249,9 +249,11 @@ async def test_it_records_the_failed_call_and_the_fallback(make_agent, key, open
     await orm(make_agent, name="gpt", model="openai/fault-500-primary", fallback_models=["openai/gpt-4o-mini"])
     body = (await Api(key).post(CHAT.format("gpt"), {"message": "hello world"})).json()
 
-    failed, answered = await orm(records)
-    assert failed.model == "openai/fault-500-primary" and failed.cost_usd == 0 and failed.prompt_tokens == 0
-    assert not failed.priced  # no price for that model: the default applied, flagged
+    *failed_calls, answered = await orm(records)
+    assert len(failed_calls) == 3  # one call and two retries (LLM_MAX_RETRIES)
+    for failed in failed_calls:
+        assert failed.model == "openai/fault-500-primary" and failed.cost_usd == 0 and failed.prompt_tokens == 0
+        assert not failed.priced  # no price for that model: the default applied, flagged
     assert answered.model == "openai/gpt-4o-mini" and answered.cost_usd == Decimal("0.00001050")
     assert body["cost_usd"] == "0.00001050"
 
@@ -281,7 +283,8 @@ async def test_it_marks_the_first_record_of_each_run_as_its_start(make_agent, ke
     pk = Run.objects.model._meta.pk.to_python
     assert set(flags) == {pk(loop["id"]), pk(fallback["id"]), pk(single["id"])}
     assert flags[pk(loop["id"])] == [True, False]  # the tool calls, then the answer
-    assert flags[pk(fallback["id"])] == [True, False, False]  # the failed call, the fallback's two
+    # the failed call and its two retries, the fallback's two
+    assert flags[pk(fallback["id"])] == [True, False, False, False, False]
     assert flags[pk(single["id"])] == [True]
 
 
@@ -291,8 +294,10 @@ async def test_it_meters_a_failed_run(make_agent, key, openai_settings):
     response = await Api(key).post(CHAT.format("gpt"), {"message": "boom [fault:500]"})
 
     assert response.status_code >= 500
-    [record] = await orm(records)
-    assert record.cost_usd == 0 and record.run_id is not None and record.starts_run
+    first, *retries = await orm(records)  # one record per attempt: the call and its two retries
+    assert len(retries) == 2 and first.starts_run and not any(r.starts_run for r in retries)
+    for record in (first, *retries):
+        assert record.cost_usd == 0 and record.run_id is not None
 
 
 async def test_it_prices_an_unknown_model_at_the_default_and_flags_it(make_agent, key, openai_settings, settings):

@@ -289,7 +289,8 @@ def _worker_database_url() -> str | None:
 
 @pytest.fixture
 def start_workers(tmp_path, fake_upstream, transactional_db):
-    """start_workers(agents=[{...}], keys=[{rate_limit_rpm: ...}]) → Workers; stopped afterwards."""
+    """start_workers(agents=[{...}], keys=[{rate_limit_rpm: ...}], settings={NAME: value}?) → Workers
+    (settings: more environment variables for the workers); stopped afterwards."""
     if not django_settings.REDIS_URL:
         pytest.skip("multi-process tests need Redis shared by the workers: set REDIS_URL "
                     "(and DATABASE_URL=postgres://... to share the test database)")
@@ -304,7 +305,8 @@ def start_workers(tmp_path, fake_upstream, transactional_db):
     if database_url:
         env["DATABASE_URL"] = database_url
 
-    def start(*, agents: list[dict], keys: list[dict]) -> Workers:
+    def start(*, agents: list[dict], keys: list[dict], settings: dict[str, str] | None = None) -> Workers:
+        env.update(settings or {})
         setup = subprocess.run([sys.executable, "-c", SETUP, json.dumps({"agents": agents, "keys": keys})],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert setup.returncode == 0, setup.stderr

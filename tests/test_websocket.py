@@ -682,10 +682,10 @@ async def test_an_upstream_rate_limit_carries_its_retry_after(make_agent, key, o
     await orm(make_agent, name="gpt", model="openai/gpt-4o-mini")
 
     async with ws("gpt", key) as c:
-        await send_message(c, "hi [fault:429] [retry-after:7]")
+        await send_message(c, "hi [fault:429] [retry-after:30]")  # longer than LLM_RETRY_MAX_WAIT_SECONDS
         error = (await turn_frames(c))[-1]
 
-    assert error["code"] == "upstream_rate_limited" and error["retry_after"] == 7
+    assert error["code"] == "upstream_rate_limited" and error["retry_after"] == 30
 
 
 async def test_a_cut_stream_ends_the_turn_with_an_error_frame(make_agent, key, openai_settings):

@@ -64,6 +64,13 @@ last user message (and removed from the echoed text):
     Apply the fault only to step N of an agent's tool loop: the call whose conversation
     has N-1 assistant messages after the last user message. Other calls answer normally,
     so a test can fail the call that follows a tool result.
+``[fault-times:N]``
+    The fault (directive or model name) hits only the first N requests carrying the same
+    last user message to the same model; later ones answer normally, as a recovered upstream
+    does (``[fault:429] [fault-times:1]``: a 429, then success on the retry). Counted per
+    server; ``/_reset`` forgets the counts.
+``[retry-after-ms:N]``
+    Add the ``retry-after-ms: N`` header (OpenAI's, in milliseconds) to the fault.
 ``[call:NAME]`` or ``[call:NAME {"json": "args"}]``
     When the last message is a user message: answer with a call to tool NAME
     (finish_reason ``tool_calls``, no content). Several directives give parallel calls.
@@ -141,8 +148,8 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Directives: a word, a colon, a value without spaces, in brackets. [call:...] is parsed
 # separately because its JSON arguments may contain spaces and brackets.
 _DIRECTIVE_RE = re.compile(
-    r"\[(tokens|latency|gap|fault|fault-step|retry-after|cut-after):\s*([^\]\s]*)\s*\]", re.I
-)
+    r"\[(tokens|latency|gap|fault-times|fault-step|fault|retry-after-ms|retry-after|cut-after):\s*([^\]\s]*)\s*\]",
+    re.I)
 _CALL_RE = re.compile(r"\[call:\s*([A-Za-z0-9_.\-]+)", re.I)
 _CUTS = ("cut", "cut-clean", "cut-event", "cut-after-finish")
 _MODEL_FAULT_RE = re.compile(r"fault-(\d{3}|hang|cut-clean|cut-event|cut-after-finish|cut)", re.I)
@@ -225,6 +232,9 @@ class _Reply:
     fault: str | None = None  # "429", "500", ..., "hang", one of _CUTS
     retry_after: str | None = None
     cut_after: int = 3  # chunks a cut stream sends before it breaks, the role chunk included
+    retry_after_ms: str | None = None
+    fault_times: int | None = None  # the fault hits only the first N requests with this fault_key
+    fault_key: str = ""
     content: str | None = None
     tool_calls: list[tuple[str, str]] = field(default_factory=list)  # (name, arguments JSON)
     finish_reason: str = "stop"
@@ -331,6 +341,11 @@ def plan_reply(payload: Any, config: FakeConfig) -> _Reply:
                 reply.cut_after = max(1, int(_number(name, value)))
             elif name == "fault-step":
                 fault_step = max(1, int(_number(name, value)))
+            elif name == "retry-after-ms":
+                reply.retry_after_ms = str(int(_number(name, value)))
+            elif name == "fault-times":
+                reply.fault_times = int(_number(name, value))
+                reply.fault_key = f"{model}\n{user_text}"
             else:
                 fault = value.lower()
         user_text = _DIRECTIVE_RE.sub(" ", user_text)
@@ -398,6 +413,7 @@ class FakeOpenAI:
         self._lock = threading.Lock()
         self._requests = 0
         self._by_model: dict[str, int] = {}
+        self._fault_counts: dict[str, int] = {}  # [fault-times:N]: requests seen per fault key
         self._connections: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
         # Ids only need to be unique per run; a counter is cheaper than uuid4 per request.
@@ -420,6 +436,7 @@ class FakeOpenAI:
         with self._lock:
             self._requests = 0
             self._by_model.clear()
+            self._fault_counts.clear()
 
     def _count(self, model: str | None) -> None:
         with self._lock:
@@ -620,6 +637,11 @@ class FakeOpenAI:
             await writer.drain()
             return keep_alive
 
+        if reply.fault is not None and reply.fault_times is not None:
+            with self._lock:
+                seen = self._fault_counts[reply.fault_key] = self._fault_counts.get(reply.fault_key, 0) + 1
+            if seen > reply.fault_times:
+                reply.fault = None  # recovered: answer as if there were no fault
         if reply.latency_s > 0:
             await asyncio.sleep(reply.latency_s)
 
@@ -634,6 +656,8 @@ class FakeOpenAI:
             type_, code, message = _FAULTS.get(status, _SERVER_FAULT)
             retry_after = reply.retry_after or ("1" if status == 429 else None)
             extra = f"retry-after: {retry_after}\r\n" if retry_after else ""
+            if reply.retry_after_ms:
+                extra += f"retry-after-ms: {reply.retry_after_ms}\r\n"
             self._write(writer, status, _error_body(message, type_, code), keep_alive, extra=extra)
             await writer.drain()
             return keep_alive

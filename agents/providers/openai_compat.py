@@ -11,8 +11,11 @@ stream=True and parse the server-sent events themselves (SSEDecoder + json.loads
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import json
 import math
+import time
 from typing import Any, AsyncIterator
 
 import httpx
@@ -22,12 +25,36 @@ from .base import (Completion, ModelCall, Provider, ProviderError, ProviderStrea
                    ToolCall, Usage, estimate_tokens)
 
 
-def _retry_after(exc: openai.APIStatusError) -> float | None:
-    value = exc.response.headers.get("retry-after") if exc.response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
+def retry_after_seconds(headers: Any, *, now: float | None = None) -> float | None:
+    """How long the upstream asked us to wait: `retry-after-ms` (OpenAI's, milliseconds) or
+    `Retry-After` (seconds, or an HTTP date); None when absent, unreadable or in the past."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000
+        except ValueError:
+            value = None
+        if value is not None and math.isfinite(value) and value >= 0:
+            return value
+    raw = headers.get("retry-after")
+    if raw is None:
         return None
+    try:
+        value = float(raw)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # an HTTP date is GMT; parsedate_to_datetime leaves "-0000" naive
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        value = when.timestamp() - (time.time() if now is None else now)
+        return value if value > 0 else None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _retry_after(exc: openai.APIStatusError) -> float | None:
+    return retry_after_seconds(exc.response.headers) if exc.response is not None else None
 
 
 def _upstream_message(exc: openai.APIStatusError) -> str:
@@ -53,8 +80,10 @@ def provider_error(exc: BaseException, provider: str) -> ProviderError:
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         permanent = 400 <= status < 500 and status not in (408, 409, 429)
+        retry_after = _retry_after(exc)
         return ProviderError(f"{provider} answered {status}: {_upstream_message(exc)}", code="upstream_error",
-                             permanent=permanent, upstream_status=status)
+                             permanent=permanent, upstream_status=status, retry_after=retry_after,
+                             headers={"Retry-After": str(math.ceil(retry_after))} if retry_after else None)
     if isinstance(exc, (openai.APIConnectionError, httpx.HTTPError)):
         return ProviderError(f"{provider} connection failed: {type(exc).__name__}", code="upstream_unavailable")
     if isinstance(exc, openai.APIError):
@@ -86,8 +115,8 @@ class OpenAICompatibleProvider(Provider):
         loop_id = id(asyncio.get_running_loop())
         client = self._clients.get(loop_id)
         if client is None:
-            # Retries are the runtime's job (fallback models), not the SDK's: an SDK retry
-            # honouring Retry-After could hold a request for a minute.
+            # Retries are the runtime's job (agents.resilience: within the run's deadline, seen
+            # by the circuit breakers, metered per attempt), not the SDK's.
             client = openai.AsyncOpenAI(api_key=self.api_key, base_url=self.base_url, max_retries=0,
                                         http_client=_http_client())
             self._clients = {loop_id: client}  # a process serves one loop; drop clients of dead loops
