@@ -470,11 +470,14 @@ async def test_a_stream_cut_before_its_first_token_falls_back(make_agent, key, o
     run = await orm(Run.objects.get, pk=done["id"])
     assert run.status == Run.Status.SUCCEEDED
     assert [(c["model"], c["ok"], c["error"]) for c in run.metadata["calls"]] == [
-        ("openai/fault-cut-model", False, "upstream_stream_cut"), ("openai/good-model", True, "")]
-    cut, answered = await orm(lambda: list(UsageRecord.objects.filter(run_id=run.id).order_by("id")))
-    assert cut.estimated and cut.completion_tokens == 0 and cut.prompt_tokens > 0  # it read the prompt
+        ("openai/fault-cut-model", False, "upstream_stream_cut")] * 3 + [("openai/good-model", True, "")]
+    # Retried (LLM_MAX_RETRIES) before the fallback: nothing had reached the client.
+    *cuts, answered = await orm(lambda: list(UsageRecord.objects.filter(run_id=run.id).order_by("id")))
+    assert len(cuts) == 3
+    for cut in cuts:
+        assert cut.estimated and cut.completion_tokens == 0 and cut.prompt_tokens > 0  # it read the prompt
     assert not answered.estimated
-    assert fake_upstream.stats()["by_model"] == {"fault-cut-model": 1, "good-model": 1}
+    assert fake_upstream.stats()["by_model"] == {"fault-cut-model": 3, "good-model": 1}
 
 
 async def test_a_stream_cut_after_its_finish_reason_is_a_whole_answer(make_agent, key, openai_settings):
@@ -498,11 +501,11 @@ async def test_a_stream_that_fails_before_the_model_answers_is_a_json_error(make
     the error's own status and JSON body (with Retry-After), as without `stream`."""
     await orm(make_agent, name="gpt", model="openai/gpt-4o-mini", fallback_models=["openai/gpt-4o"])
 
-    response = await Api(key).post(CHAT.format("gpt"), {"message": "hi [fault:429] [retry-after:7]",
+    response = await Api(key).post(CHAT.format("gpt"), {"message": "hi [fault:429] [retry-after:30]",
                                                         "stream": True})
 
     assert_error(response, 503, "upstream_rate_limited")
-    assert response.headers["Retry-After"] == "7"
+    assert response.headers["Retry-After"] == "30"
     run = await orm(Run.objects.get, agent__name="gpt")
     assert (run.status, run.transport, run.steps) == (Run.Status.FAILED, Run.Transport.SSE, 2)
     assert fake_upstream.stats()["requests"] == 2
@@ -512,14 +515,14 @@ async def test_a_stream_error_after_a_tool_step_carries_status_and_retry_after(m
     await orm(make_agent, name="gpt", model="openai/gpt-4o-mini", skills=["calculator"])
 
     response = await Api(key).post(CHAT.format("gpt"), {
-        "message": '[call:calculator {"expression": "6*7"}] [fault-step:2] [fault:429] [retry-after:7]',
+        "message": '[call:calculator {"expression": "6*7"}] [fault-step:2] [fault:429] [retry-after:30]',
         "stream": True})
 
     assert response.status_code == 200  # the model had answered (a tool call)
     events = events_of(response.text)
     assert [e["event"] for e in events] == ["start", "tool_call", "tool_result", "error"]
     error = events[-1]["data"]
-    assert (error["code"], error["status"], error["retry_after"]) == ("upstream_rate_limited", 503, 7)
+    assert (error["code"], error["status"], error["retry_after"]) == ("upstream_rate_limited", 503, 30)
 
 
 async def test_it_names_the_request_in_a_stream_error_event(make_agent, key, openai_settings):

@@ -154,6 +154,7 @@ async def test_it_answers_409_when_the_first_request_outlasts_the_wait(agents, k
 
 
 async def test_it_stores_no_failure_so_a_retry_can_succeed(agents, key, openai_settings, fake_upstream):
+    openai_settings.CIRCUIT_FAILURE_THRESHOLD = 0  # these failures must reach the upstream every time
     api = Api(key)
 
     upstream_down = await api.post(CHAT.format("echo"), {"message": "x [fault:500]"}, headers=idem("a"))

@@ -170,8 +170,8 @@ async def test_a_stream_without_a_first_token_in_time_is_retried_then_fails(make
     # The fake sends its role chunk at once and the first word 1 s later (each attempt).
     response = await Api(key).post(CHAT.format("gpt"), {"message": "[tokens:2] [gap:1000]", "stream": True})
 
-    error = sse_events(response)[-1]
-    assert error["type"] == "error" and error["code"] == "upstream_timeout" and error["status"] == 504
+    # Nothing was answered, so the stream never started: a real 504 with our JSON error body.
+    error = assert_error(response, 504, "upstream_timeout")
     assert "first token" in error["message"]
     assert fake_upstream.stats()["requests"] == 3  # the call and its two retries
 
@@ -248,8 +248,9 @@ async def test_an_open_circuit_without_a_fallback_answers_503_until_its_probe_cl
     error = assert_error(refused, 503, "circuit_open")
     assert refused.headers["Retry-After"] == "1"
     assert error["details"] == {"model": "openai/flaky", "retry_after_seconds": 1}
-    streamed = sse_events(await api.post(CHAT.format("gpt"), {**ask, "stream": True}))[-1]
-    assert streamed["code"] == "circuit_open" and streamed["status"] == 503 and streamed["retry_after"] == 1
+    streamed = await api.post(CHAT.format("gpt"), {**ask, "stream": True})  # refused before any stream
+    assert_error(streamed, 503, "circuit_open")
+    assert streamed.headers["Retry-After"] == "1"
     assert fake_upstream.stats()["requests"] == 2  # refused without calling the upstream
     health = await agent_health(key, "gpt")
     assert health.status_code == 503 and health.json()["status"] == "unavailable"
@@ -371,15 +372,15 @@ async def test_a_hanging_model_and_its_fallback_share_one_deadline(make_agent, k
     assert run.status == Run.Status.FAILED and run.error_code == "timeout"
 
 
-async def test_a_hanging_stream_ends_with_a_timeout_event_within_the_deadline(make_agent, key, openai_settings):
+async def test_a_hanging_stream_ends_with_a_timeout_within_the_deadline(make_agent, key, openai_settings):
     await orm(make_agent, name="gpt", model="openai/fault-hang-a", fallback_models=["openai/fault-hang-b"],
               timeout_seconds=2)
 
     response, elapsed = await timed(Api(key).post(CHAT.format("gpt"), {"message": "hi", "stream": True}))
 
-    assert response.status_code == 200
-    error = sse_events(response)[-1]
-    assert error["type"] == "error" and error["code"] == "timeout" and error["status"] == 504
+    # No model answered within the deadline (shorter than SSE_HEARTBEAT_SECONDS): the stream
+    # never started, so it is a real 504 with our JSON error body.
+    assert_error(response, 504, "timeout")
     assert elapsed < 2 + MARGIN
 
 

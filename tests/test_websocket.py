@@ -713,12 +713,12 @@ async def test_an_error_frame_after_a_tool_step_carries_status_and_retry_after(m
     await orm(make_agent, name="gpt", model="openai/gpt-4o-mini", skills=["calculator"])
 
     async with ws("gpt", key) as c:
-        await send_message(c, '[call:calculator {"expression": "6*7"}] [fault-step:2] [fault:429] [retry-after:7]')
+        await send_message(c, '[call:calculator {"expression": "6*7"}] [fault-step:2] [fault:429] [retry-after:30]')
         frames = await turn_frames(c)
 
     assert [f["type"] for f in frames] == ["start", "tool_call", "tool_result", "error"]
     error = frames[-1]
-    assert (error["code"], error["status"], error["retry_after"]) == ("upstream_rate_limited", 503, 7)
+    assert (error["code"], error["status"], error["retry_after"]) == ("upstream_rate_limited", 503, 30)
 
 
 # --- sessions ------------------------------------------------------------------------------
