@@ -26,7 +26,7 @@ from billing.reports import BudgetRow, Plans, budget_rows, burndown
 from billing.rollups import rollup_pending_days
 from governance.services import api_key_create
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("frozen_clock")]
 
 UTC = dt_timezone.utc
 URL = "/admin/billing/dashboard/"
