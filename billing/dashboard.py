@@ -262,7 +262,10 @@ def _page(request: HttpRequest, context: dict, status: int = 200) -> TemplateRes
 def dashboard_view(request: HttpRequest) -> HttpResponse:
     if not request.user.has_perm(PERMISSION):
         raise PermissionDenied("The cost dashboard needs the permission to view usage records.")
-    today = timezone.now().astimezone(dt_timezone.utc).date()
+    # One reading of the clock: the default range's last day and the budgets' periods are then
+    # the same day's, even for a page asked for at 23:59:59.999.
+    now = timezone.now()
+    today = now.astimezone(dt_timezone.utc).date()
     query, errors = parse_query(request.GET, today=today)
     if query is None:
         if (request.GET.get("format") or "").strip().lower() == "csv":
@@ -270,7 +273,7 @@ def dashboard_view(request: HttpRequest) -> HttpResponse:
                                 content_type="text/plain; charset=utf-8")
         form = {k: (request.GET.get(k) or "")[:200] for k in ("from", "to", "agent", "model", "key")}
         return _page(request, {"errors": errors, "form": form}, status=400)
-    data = dashboard_data(query)
+    data = dashboard_data(query, now=now)
     if query.format == "csv":
         response = HttpResponse(dashboard_csv(data, query.section), content_type="text/csv; charset=utf-8")
         filename = f"cost-{query.section}-{query.date_from}-to-{query.date_to}.csv"

@@ -91,6 +91,11 @@ class BudgetRow:
         return self.budget.name or describe(self.budget)
 
     @property
+    def last_day(self) -> date | None:
+        """The period's last day (UTC), included: period_end is exclusive, the midnight after it."""
+        return None if self.period_end is None else (self.period_end - timedelta(days=1)).date()
+
+    @property
     def elapsed(self) -> float | None:
         """Fraction of the period gone by (None for `total`)."""
         if self.period_end is None:

@@ -19,7 +19,6 @@ decimal string.
 from __future__ import annotations
 
 from datetime import datetime
-from datetime import timezone as dt_timezone
 from decimal import Decimal
 
 from django.utils import timezone
@@ -32,13 +31,8 @@ from governance.permissions import HasApiKey
 from governance.principal import Principal
 
 from . import rollups
+from .budgets import period_end, period_start
 from .serializers import UsageQuerySerializer
-
-
-def _month_bounds(now: datetime) -> tuple[datetime, datetime]:
-    start = now.astimezone(dt_timezone.utc).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
-    return start, end
 
 
 def _money(value) -> str:
@@ -75,8 +69,9 @@ class UsageView(APIView):
         query = UsageQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
         q = query.validated_data
-        month_start, month_end = _month_bounds(timezone.now())
-        start, end = q.get("from") or month_start, q.get("to") or month_end
+        # The budgets' month (billing.budgets computes every period, UTC).
+        now = timezone.now()
+        start, end = q.get("from") or period_start("month", now), q.get("to") or period_end("month", now)
         summary = usage_summary(principal=request.user, start=start, end=end, agent=q.get("agent"),
                                 model=q.get("model"), key=q.get("key"), group_by=q.get("group_by"))
         return Response({"from": start.isoformat(), "to": end.isoformat(), **summary})

@@ -4,21 +4,66 @@ services, an async HTTP client, SSE parsing, and the housekeeping the chat path 
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
+from datetime import timezone as dt_timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import httpx
 import pytest
+import time_machine
 from asgiref.sync import sync_to_async
 from django.core.cache import cache
 from django.db import connections
 
 from agentplatform.testing.fake_openai import FakeOpenAIServer
+
+
+# --- the clock ----------------------------------------------------------------------------
+
+FAKE_NOW = Path(__file__).resolve().parent / "fake_now" / "sitecustomize.py"
+
+
+def _fake_now_module():
+    spec = importlib.util.spec_from_file_location("fake_now", FAKE_NOW)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pytest_configure(config):
+    """TEST_FAKE_NOW=2027-03-01T00:00:30Z runs the whole session from that instant on, the clock
+    ticking (tests/fake_now/sitecustomize.py: also every thread and every process the tests
+    spawn). Before collection, so that nothing reads the real clock first."""
+    try:
+        _fake_now_module().start()
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
+
+
+def pytest_report_header(config):
+    if os.environ.get("TEST_FAKE_NOW"):
+        return f"TEST_FAKE_NOW: the session runs from {os.environ['TEST_FAKE_NOW']} on (clock ticking)"
+    return None
+
+
+@pytest.fixture
+def frozen_clock():
+    """The clock stopped for the whole test at the instant it starts (today's, or TEST_FAKE_NOW's):
+    the data a test makes "today" or "this month" and the code's today are then the same, even
+    for a test that starts at 23:59:59.9 on the last day of a month. For tests whose figures
+    depend on the day, week or month they run in. The code under test must not wait for the wall
+    clock (waits measure time.monotonic(), which keeps running); a test that needs the clock
+    to move uses time_machine.travel(..., tick=True) or the traveller's shift()."""
+    with time_machine.travel(datetime.now(dt_timezone.utc), tick=False) as traveller:
+        yield traveller
 
 
 # --- housekeeping -------------------------------------------------------------------------
@@ -329,7 +374,6 @@ def _ensure_chromium() -> str | None:
     Returns why it cannot be had, or None when it is there."""
     if CHROMIUM.exists():
         return None
-    import os
     import shutil
 
     if shutil.which("apt-get") is None:
@@ -377,8 +421,6 @@ def watch_csp_violations(page, problems: list[str]) -> None:
 def artifact_path(name: str) -> Path:
     """Where a test keeps a file for people to look at (screenshots): TEST_ARTIFACTS_DIR, set by
     scripts/test.sh, else test-artifacts/ in the repository."""
-    import os
-
     folder = Path(os.environ.get("TEST_ARTIFACTS_DIR") or ROOT / "test-artifacts")
     folder.mkdir(parents=True, exist_ok=True)
     return folder / name

@@ -32,7 +32,7 @@ from billing.tasks import budget_period_rollover_task, check_budget_alerts_task,
 from conftest import Api, assert_error, orm
 from governance.models import AuditLog
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("frozen_clock")]
 
 CHAT = "/api/v1/agents/{}/chat"
 MODEL = "openai/gpt-4o-mini"

@@ -17,7 +17,7 @@ from conftest import Api, assert_error, orm
 from governance.models import AuditLog
 from governance.services import split_key
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("frozen_clock")]
 
 BUDGETS = "/api/v1/admin/budgets"
 CHAT = "/api/v1/agents/{}/chat"

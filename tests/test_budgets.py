@@ -34,7 +34,7 @@ from conftest import Api, assert_error, orm
 from governance.models import ApiKey
 from governance.services import split_key
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("frozen_clock")]
 
 CHAT = "/api/v1/agents/{}/chat"
 MODEL = "openai/gpt-4o-mini"
@@ -374,7 +374,8 @@ async def test_it_never_overspends_across_two_workers(two_workers, fake_upstream
     await orm(set_price)
     worst = await orm(request_worst_case)
     limit = (worst * 30).quantize(Decimal("0.00000001"))
-    budget = await orm(budget_create, scope="global", period="day", limit_usd=limit)
+    # `total`: the servers keep their own clocks, and a daily budget would turn over at midnight.
+    budget = await orm(budget_create, scope="global", period="total", limit_usd=limit)
     fake_upstream.reset()
     gate = asyncio.Semaphore(AT_ONCE)
     key = workers.keys[0]

@@ -109,9 +109,11 @@ def test_a_real_worker_fires_retries_and_delivers_an_alert(worker, make_agent):
     hook = Hook([500, 200])
     try:
         make_agent(name="echo")
-        budget = budget_create(scope="agent", agent_name="echo", period="day", limit_usd=Decimal("2"),
+        # A `total` budget: its period never turns over between this process making the spend
+        # and the worker's scan (a daily one would, at midnight).
+        budget = budget_create(scope="agent", agent_name="echo", period="total", limit_usd=Decimal("2"),
                                alert_thresholds=[50], alert_webhook_url=hook.url)
-        start = period_start("day", timezone.now())
+        start = period_start("total", timezone.now())
         BudgetSpend.objects.create(budget=budget, period_start=start, spent_usd=Decimal("1.2"))
 
         # What beat sends every minute, to the worker's queue.

@@ -14,6 +14,7 @@ from datetime import timezone as dt_timezone
 from decimal import Decimal
 
 import pytest
+import time_machine
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.urls import reverse
@@ -27,7 +28,7 @@ from billing.rollups import rollup_pending_days
 from conftest import PAGE_CSP, csp_directives
 from governance.services import api_key_create
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("frozen_clock")]
 
 UTC = dt_timezone.utc
 URL = "/admin/billing/dashboard/"
@@ -65,12 +66,16 @@ def usage(db):
             "mallory": mallory}
 
 
-@pytest.fixture
-def staff(client, django_user_model):
+def log_in_staff(client, django_user_model):
     user = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
     user.user_permissions.add(Permission.objects.get(codename="view_usagerecord"))
     client.force_login(user)
     return client
+
+
+@pytest.fixture
+def staff(client, django_user_model):
+    return log_in_staff(client, django_user_model)
 
 
 def cell_texts(html: str, table_id: str) -> list[list[str]]:
@@ -247,6 +252,27 @@ def test_it_shows_each_budget_with_its_projection_and_burn_down(staff, usage):
     assert Decimal(spent_now) == this_month
     assert Decimal(month["projection"][-1]) > Decimal("4")  # spent / elapsed fraction, at the period's end
     assert 'id="burndown-{}"'.format(monthly.id) in html
+
+
+def test_each_budget_period_shows_its_first_and_last_day(client, django_user_model):
+    # The last second of a Sunday that ends February (and the week): each period ends tonight.
+    with time_machine.travel(datetime(2027, 2, 28, 23, 59, 59, tzinfo=UTC), tick=False):
+        staff = log_in_staff(client, django_user_model)
+        for period in ("month", "week", "day"):
+            budget_create(scope="global", period=period, limit_usd=Decimal("10"), name=period)
+        budget_create(scope="global", period="total", limit_usd=Decimal("10"), name="total")
+        response = staff.get(URL)
+        rows = {r[0]: r for r in cell_texts(response.content.decode(), "table-budgets")}
+        [csv_row] = [r for r in csv.DictReader(io.StringIO(staff.get(URL, {"format": "csv", "section": "budgets"})
+                                                           .content.decode())) if r["period"] == "day"]
+
+    # Both days included (period_end is the exclusive midnight after the last day).
+    assert rows["month hard"][2] == "month2027-02-01 → 2027-02-28"
+    assert rows["week hard"][2] == "week2027-02-22 → 2027-02-28"
+    assert rows["day hard"][2] == "day2027-02-28"
+    assert rows["total hard"][2] == "total2000-01-01"
+    assert (csv_row["period_start"], csv_row["period_end"]) == ("2027-02-28T00:00:00+00:00",
+                                                                "2027-03-01T00:00:00+00:00")
 
 
 def test_the_projection_is_spent_over_the_elapsed_fraction(usage):

@@ -4,24 +4,27 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
-from datetime import timezone as dt_timezone
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from agents.models import Run
 from billing.models import ModelPrice, UsageRecord
 from billing.pricing import Price, call_cost, price_for
-from conftest import Api, orm, parse_sse, post_and_hang_up
+from conftest import ROOT, Api, orm, parse_sse, post_and_hang_up
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CHAT = "/api/v1/agents/{}/chat"
 # Newer than the seeded list prices (billing/data/model_prices.json), which are still in the test
 # database until the first transactional test flushes it: a test's own price must win either way.
-EFFECTIVE = datetime(2026, 1, 1, tzinfo=dt_timezone.utc)
+# One second newer, so that it is in force on any date the seeds are (a fixed later date is not
+# in force on a clock set before it).
+EFFECTIVE = parse_datetime(json.loads((ROOT / "billing" / "data" / "model_prices.json").read_text())
+                           ["effective_from"]) + timedelta(seconds=1)
 
 
 @pytest.fixture

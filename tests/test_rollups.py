@@ -20,7 +20,7 @@ from billing.rollups import rollup_day, rollup_pending_days, usage_plan, usage_s
 from governance.models import ApiKey
 from governance.services import api_key_create
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("frozen_clock")]
 
 UTC = dt_timezone.utc
 

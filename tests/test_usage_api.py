@@ -9,6 +9,7 @@ from datetime import timezone as dt_timezone
 from decimal import Decimal
 
 import pytest
+import time_machine
 
 from agents.models import Agent
 from billing.models import ModelPrice, UsageRecord
@@ -132,8 +133,19 @@ async def test_it_groups_usage(usage):
 
 
 async def test_it_defaults_to_this_month_and_validates(usage):
-    body = (await Api(usage["admin"]).get(USAGE)).json()
-    assert body["total"]["requests"] == 0  # March 2025 is not this month
+    # The month the request is made in, UTC: the fixture's March 2025 until its last second...
+    with time_machine.travel(datetime(2025, 3, 31, 23, 59, 59, tzinfo=dt_timezone.utc), tick=False):
+        body = (await Api(usage["admin"]).get(USAGE)).json()
+    assert (body["from"], body["to"]) == ("2025-03-01T00:00:00+00:00", "2025-04-01T00:00:00+00:00")
+    assert body["total"]["requests"] == 3 and body["total"]["cost_usd"] == "3.60000015"
+    # ...then April, without it (and December's month ends in the next year).
+    with time_machine.travel(datetime(2025, 4, 1, 0, 0, 1, tzinfo=dt_timezone.utc), tick=False):
+        body = (await Api(usage["admin"]).get(USAGE)).json()
+    assert (body["from"], body["to"]) == ("2025-04-01T00:00:00+00:00", "2025-05-01T00:00:00+00:00")
+    assert body["total"]["requests"] == 0
+    with time_machine.travel(datetime(2025, 12, 31, 12, tzinfo=dt_timezone.utc), tick=False):
+        body = (await Api(usage["admin"]).get(USAGE)).json()
+    assert (body["from"], body["to"]) == ("2025-12-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00")
     assert_error(await Api(usage["admin"]).get(USAGE, params={"from": "yesterday"}), 400, param="from")
     assert_error(await Api(usage["admin"]).get(USAGE, params={"group_by": "week"}), 400, param="group_by")
     assert_error(await Api().get(USAGE), 401)
