@@ -246,12 +246,13 @@ def _claim(*, api_key_id: int, key: str, fingerprint: str) -> tuple[int | None, 
         except DatabaseError:  # housekeeping: never fail the request for it
             logger.warning("Could not purge expired idempotency records", exc_info=True)
     record = None
+    unexplained: IntegrityError | None = None
     for _ in range(5):
         now = timezone.now()
         try:
             return _retry_locked(_insert, api_key_id=api_key_id, key=key, fingerprint=fingerprint, now=now), None
-        except IntegrityError:
-            pass  # someone holds the key
+        except IntegrityError as exc:
+            unexplained = exc  # someone holds the key, unless no record does (below)
         record = _load(api_key_id=api_key_id, key=key)
         if record is None:
             continue  # released meanwhile: try again
@@ -263,6 +264,10 @@ def _claim(*, api_key_id: int, key: str, fingerprint: str) -> tuple[int | None, 
             _retry_locked(IdempotencyRecord.objects.filter(pk=record["id"]).delete)
             continue
         return None, record
+    if record is None and unexplained is not None:
+        # Five refusals and never a record holding the key: not the (api_key, key) constraint
+        # (e.g. the key's row is gone), so not "in use" either: fail loudly, never wait it out.
+        raise unexplained
     return None, record
 
 

@@ -5,6 +5,7 @@ processes), what is not stored, expiry and the purge, a client leaving mid-strea
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 
 import pytest
@@ -260,3 +261,17 @@ async def test_it_calls_the_model_once_for_duplicates_on_two_workers(start_worke
         assert fake_upstream.stats()["requests"] == 1
         assert len({r.content for r in responses}) == 1
         assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in responses) == 7
+
+
+def test_an_integrity_error_that_is_not_the_keys_is_raised_not_waited_out():
+    """Only the (api_key, key) constraint means "in use": an insert refused for another reason
+    (here: no such API key row) fails at once instead of waiting IDEMPOTENCY_WAIT_SECONDS for a
+    record that will never appear."""
+    from django.db import IntegrityError
+
+    from governance.idempotency import _claim
+
+    started = time.monotonic()
+    with pytest.raises(IntegrityError):
+        _claim(api_key_id=987_654_321, key="k-1", fingerprint="f")
+    assert time.monotonic() - started < 5
