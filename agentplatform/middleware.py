@@ -139,17 +139,22 @@ class MessageMiddleware(PagesOnlyMixin, messages_middleware.MessageMiddleware):
     pass
 
 
-class ApiErrorMiddleware:
-    """API paths answer an unexpected error with the JSON error shape, also with DEBUG on
-    (Django would render its HTML debug page). The error is logged with its traceback."""
+class _BothModes:
+    """A middleware that runs sync or async, as the chain it sits in (`async_mode`)."""
 
     sync_capable = True
     async_capable = True
 
     def __init__(self, get_response: Callable) -> None:
         self.get_response = get_response
-        if iscoroutinefunction(get_response):
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
             markcoroutinefunction(self)
+
+
+class ApiErrorMiddleware(_BothModes):
+    """API paths answer an unexpected error with the JSON error shape, also with DEBUG on
+    (Django would render its HTML debug page). The error is logged with its traceback."""
 
     def __call__(self, request: Any) -> Any:
         return self.get_response(request)
@@ -166,17 +171,8 @@ class ApiErrorMiddleware:
         return error_response(err, request)
 
 
-class RequestIdMiddleware:
+class RequestIdMiddleware(_BothModes):
     """Give each request an id (the caller's X-Request-ID when well-formed) and echo it back."""
-
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response: Callable) -> None:
-        self.get_response = get_response
-        self.async_mode = iscoroutinefunction(get_response)
-        if self.async_mode:
-            markcoroutinefunction(self)
 
     @staticmethod
     def _assign(request: Any) -> str:
@@ -200,19 +196,10 @@ class RequestIdMiddleware:
         return response
 
 
-class UrlTextMiddleware:
+class UrlTextMiddleware(_BothModes):
     """A path or query string holding a NUL character (`%00`) gets 400 before any view reads it:
     no field accepts one, and PostgreSQL cannot even compare it (psycopg refuses the query, a
     500 after a view passed it to a filter). JSON bodies are checked by agentplatform.jsonparse."""
-
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response: Callable) -> None:
-        self.get_response = get_response
-        self.async_mode = iscoroutinefunction(get_response)
-        if self.async_mode:
-            markcoroutinefunction(self)
 
     @staticmethod
     def _refusal(request: Any) -> Any:

@@ -37,7 +37,7 @@ def envelope(transport: str, content: str, metadata: str = "{}") -> str:
 async def send(transport: str, key: str, body: str) -> tuple[int, dict]:
     """(status, error or final event) for one request on `transport`."""
     if transport == "websocket":
-        return await _ws_send(key, body)
+        return await ws_turn(key, body)
     path = "/v1/chat/completions" if transport == "openai" else "/api/v1/agents/demo/chat"
     response = await Api(key).post(path, raw=body)
     if response.status_code != 200:
@@ -49,7 +49,8 @@ async def send(transport: str, key: str, body: str) -> tuple[int, dict]:
     return 200, response.json()
 
 
-async def _ws_send(key: str, text: str) -> tuple[int, dict]:
+async def ws_turn(key: str, text: str) -> tuple[int, dict]:
+    """Send one frame to agent demo's WebSocket: (status, its `error` frame) or (200, `done`)."""
     from agentplatform.asgi import application
 
     communicator = WebsocketCommunicator(application, WS_PATH.format("demo"),

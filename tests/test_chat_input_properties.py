@@ -8,13 +8,13 @@ import asyncio
 import json
 
 import pytest
-from channels.testing import WebsocketCommunicator
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from agents.models import Run
 from billing.models import UsageRecord
 from conftest import Api, parse_sse
+from test_chat_input import ws_turn
 from governance.models import AuditLog
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -93,23 +93,11 @@ async def _http(transport: str, key: str, text: str) -> tuple[int, dict | None, 
 
 
 async def _ws(key: str, text: str) -> tuple[int, dict | None, str | None]:
-    from agentplatform.asgi import application
-
-    communicator = WebsocketCommunicator(application, "/ws/agents/demo/chat/",
-                                         headers=[(b"host", b"testserver"), (b"authorization", f"Bearer {key}".encode())])
-    assert (await communicator.connect(timeout=5))[0]
-    try:
-        assert (await communicator.receive_json_from(timeout=5))["type"] == "ready"
-        await communicator.send_to(text_data=text)
-        while True:
-            frame = await communicator.receive_json_from(timeout=10)
-            if frame["type"] == "error":
-                assert 400 <= frame["status"] < 500, frame
-                return frame["status"], frame, None
-            if frame["type"] == "done":
-                return 200, None, frame["run_id"]
-    finally:
-        await communicator.disconnect(timeout=5)
+    status, frame = await ws_turn(key, text)
+    if frame["type"] == "error":
+        assert 400 <= status < 500, frame
+        return status, frame, None
+    return 200, None, frame["run_id"]
 
 
 def _run_id(value: str) -> str:
