@@ -125,10 +125,16 @@ class Session(models.Model):
 
 class Run(models.Model):
     class Status(models.TextChoices):
+        QUEUED = "queued"  # an async run waiting for a Celery worker
         RUNNING = "running"
         SUCCEEDED = "succeeded"
         FAILED = "failed"
         CANCELLED = "cancelled"
+        # Its worker died (the lease ran out): ended by agents.recovery's sweeper, its budget
+        # reservation settled to an estimate of what was produced.
+        INTERRUPTED = "interrupted"
+
+    FINAL_STATUSES = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.INTERRUPTED)
 
     class Transport(models.TextChoices):
         REST = "rest"
@@ -158,10 +164,27 @@ class Run(models.Model):
     # A person's rating of the answer (chat console thumbs): 1 up, -1 down; feeds experiments.
     feedback = models.SmallIntegerField(null=True, blank=True, choices=[(1, "up"), (-1, "down")])
     feedback_at = models.DateTimeField(null=True, blank=True)
+    feedback_comment = models.TextField(blank=True)
+    # The experiment variant that served the run ("" when none applied).
+    variant = models.CharField(max_length=100, blank=True)
+    # Crash safety (agents.recovery): a running run's worker renews this lease; a run whose
+    # lease ran out is ended as interrupted. `reservation` is its open budget reservation
+    # ({"spend_ids": [...], "amount": "..."}), settled by whoever ends the run.
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    reservation = models.JSONField(default=dict, blank=True)
+    # Async runs (POST /api/v1/agents/{name}/runs): the request to execute, the answer, where
+    # to report completion, and whether the caller asked to cancel.
+    input = models.JSONField(default=dict, blank=True)
+    output = models.TextField(blank=True)
+    callback_url = models.URLField(max_length=2000, blank=True)
+    cancel_requested = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["-started_at"]
-        indexes = [models.Index(fields=["agent", "-started_at"], name="run_agent_started")]
+        indexes = [models.Index(fields=["agent", "-started_at"], name="run_agent_started"),
+                   models.Index(fields=["api_key", "-started_at"], name="run_key_started"),
+                   # The sweeper's scan: running runs by lease.
+                   models.Index(fields=["status", "lease_expires_at"], name="run_status_lease")]
 
     def __str__(self) -> str:
         return str(self.id)
