@@ -21,7 +21,9 @@ from django.conf import settings  # noqa: E402
 
 from agents.routing import websocket_urlpatterns  # noqa: E402
 
+from .metrics import metrics_port_serve  # noqa: E402
 from .middleware import BodySizeLimitASGI  # noqa: E402
+from .tracing import TracedASGI  # noqa: E402
 
 http_app = django_asgi_app
 if settings.SERVE_STATIC:
@@ -34,6 +36,11 @@ if settings.SERVE_STATIC:
 # which channels' AllowedHostsOriginValidator would refuse. The consumer checks the Host against
 # ALLOWED_HOSTS and honours a session only from this site's own Origin (agents.consumers).
 application = ProtocolTypeRouter({
-    "http": BodySizeLimitASGI(http_app, settings.MAX_REQUEST_BYTES),
+    # The request's span (while tracing is on) covers everything, the 413s included.
+    "http": TracedASGI(BodySizeLimitASGI(http_app, settings.MAX_REQUEST_BYTES)),
     "websocket": SessionMiddlewareStack(URLRouter(websocket_urlpatterns)),
 })
+
+# METRICS_PORT: every server process of the host opens it (SO_REUSEPORT), unauthenticated.
+if settings.METRICS_PORT:
+    metrics_port_serve(settings.METRICS_PORT)

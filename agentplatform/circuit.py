@@ -42,6 +42,7 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 
 from .cache import redis_url
+from .metrics import circuit_seen
 
 logger = logging.getLogger("agentplatform.circuit")
 
@@ -376,20 +377,26 @@ async def circuit_acquire(name: str, *, lease_seconds: float) -> Permit:
     if not _enabled():
         return ALLOWED
     lease = max(1, int(min(lease_seconds, settings.CIRCUIT_COOLDOWN_SECONDS) * 1000))
-    return await _call("acquire", name, lease)
+    permit = await _call("acquire", name, lease)
+    circuit_seen(name, permit.state)
+    return permit
 
 
 async def circuit_success(name: str, permit: Permit) -> None:
     """A call let through by `permit` succeeded."""
     if _enabled() and (permit.state != CLOSED or permit.failures):
         await _call("success", name)
+        circuit_seen(name, CLOSED)
 
 
 async def circuit_failure(name: str) -> bool:
     """A call failed in a way that says `name` is unhealthy; True when its circuit is open now."""
     if not _enabled():
         return False
-    return await _call("failure", name)
+    opened = await _call("failure", name)
+    if opened:
+        circuit_seen(name, OPEN)
+    return opened
 
 
 async def circuit_states(names: list[str]) -> list[CircuitState]:

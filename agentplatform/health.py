@@ -3,7 +3,8 @@
 /health and /health/ready are open (load balancers and orchestrators probe them without
 credentials); /health touches nothing, /health/ready names each dependency's state but never
 a connection string or secret, and lists the model circuits that are open (informational:
-they do not make it 503). /metrics needs METRICS_TOKEN or an admin-role API key.
+they do not make it 503). /metrics needs METRICS_TOKEN or an admin-role API key; it answers
+for the host in multiprocess mode (agentplatform.metrics).
 """
 
 from __future__ import annotations
@@ -132,6 +133,10 @@ async def metrics(request: HttpRequest) -> HttpResponse:
             return error_response(AuthenticationFailed(), request)
         if not principal.is_admin:
             return error_response(PermissionDenied("Metrics need an admin key or METRICS_TOKEN."), request)
-    from django_prometheus.exports import ExportToDjangoView
+    from prometheus_client import CONTENT_TYPE_LATEST
 
-    return await sync_to_async(ExportToDjangoView, thread_sensitive=False)(request)
+    from .metrics import metrics_text
+
+    # Off the event loop: in multiprocess mode this reads every process' files.
+    body = await sync_to_async(metrics_text, thread_sensitive=False)()
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)

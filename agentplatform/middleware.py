@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import types
 import uuid
 from typing import Any, Callable
@@ -32,9 +33,11 @@ from django.utils.deprecation import MiddlewareMixin
 from django_prometheus import middleware as prometheus_middleware
 
 from .csp import SAME_HOST_WEBSOCKETS, same_host_websockets
+from .logs import request_id_var
 from .methods import answer_methods, view_methods
 
 logger = logging.getLogger("agentplatform.errors")
+access_logger = logging.getLogger("agentplatform.access")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -172,28 +175,47 @@ class ApiErrorMiddleware(_BothModes):
 
 
 class RequestIdMiddleware(_BothModes):
-    """Give each request an id (the caller's X-Request-ID when well-formed) and echo it back."""
+    """Give each request an id (the caller's X-Request-ID when well-formed) and echo it back;
+    every log record written while serving it carries it (agentplatform.logs). Writes the
+    request's access line (`agentplatform.access`: method, path, status, latency; INFO, the
+    health probes DEBUG) when the response starts."""
 
     @staticmethod
     def _assign(request: Any) -> str:
         supplied = request.headers.get("X-Request-ID", "")
         request_id = supplied if _REQUEST_ID_RE.match(supplied) else f"req_{uuid.uuid4().hex}"
         request.request_id = request_id
+        request_id_var.set(request_id)
         return request_id
 
     def __call__(self, request: Any) -> Any:
         if self.async_mode:
             return self.__acall__(request)
+        started = time.perf_counter()
         request_id = self._assign(request)
         response = self.get_response(request)
         response["X-Request-ID"] = request_id
+        _access_log(request, response, started)
         return response
 
     async def __acall__(self, request: Any) -> Any:
+        started = time.perf_counter()
         request_id = self._assign(request)
         response = await self.get_response(request)
         response["X-Request-ID"] = request_id
+        _access_log(request, response, started)
         return response
+
+
+def _access_log(request: Any, response: Any, started: float) -> None:
+    level = logging.DEBUG if request.path.startswith(("/health", "/static/")) else logging.INFO
+    if not access_logger.isEnabledFor(level):
+        return
+    latency_ms = round((time.perf_counter() - started) * 1000, 1)
+    # The path only: a query string may hold what a caller typed (it is masked all the same).
+    access_logger.log(level, "%s %s %s %.1f ms", request.method, request.path, response.status_code, latency_ms,
+                      extra={"method": request.method, "path": request.path, "status": response.status_code,
+                             "latency_ms": latency_ms, "streaming": bool(getattr(response, "streaming", False))})
 
 
 class UrlTextMiddleware(_BothModes):

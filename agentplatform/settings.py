@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import environ
@@ -383,6 +385,30 @@ DEMO_MODEL = env.str("DEMO_MODEL", default="openai/gpt-4o-mini" if OPENAI_API_KE
 
 # /metrics: served to callers presenting this bearer token, or an admin-role API key.
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+# Several processes on a host (daphne workers, Celery workers): a directory they all share for
+# prometheus_client's multiprocess mode, emptied when the deployment starts (agentplatform.metrics).
+# prometheus_client reads the variable itself when imported; here it is checked.
+PROMETHEUS_MULTIPROC_DIR = env.str("PROMETHEUS_MULTIPROC_DIR", default="")
+if PROMETHEUS_MULTIPROC_DIR and not (os.path.isdir(PROMETHEUS_MULTIPROC_DIR)
+                                     and os.access(PROMETHEUS_MULTIPROC_DIR, os.W_OK)):
+    raise ImproperlyConfigured(f"PROMETHEUS_MULTIPROC_DIR={PROMETHEUS_MULTIPROC_DIR!r} is not a writable directory: "
+                               "create it (empty) before the processes start.")
+# A private port that serves the metrics without credentials (every web and worker process opens
+# it, SO_REUSEPORT; never publish it). 0: metrics only on /metrics, behind METRICS_TOKEN.
+METRICS_PORT = env.int("METRICS_PORT", default=0)
+if not 0 <= METRICS_PORT <= 65535:
+    raise ImproperlyConfigured("METRICS_PORT must be a port number (0: none).")
+# django-prometheus' migration gauges: off (one series per process in multiprocess mode).
+PROMETHEUS_EXPORT_MIGRATIONS = False
+
+# OpenTelemetry traces (agentplatform.tracing), exported over OTLP/HTTP when an endpoint is set.
+# The SDK reads its other standard variables itself (OTEL_EXPORTER_OTLP_HEADERS, _TIMEOUT,
+# OTEL_TRACES_SAMPLER, OTEL_RESOURCE_ATTRIBUTES, ...).
+OTEL_EXPORTER_OTLP_ENDPOINT = env.str("OTEL_EXPORTER_OTLP_ENDPOINT", default="")
+OTEL_EXPORTER_OTLP_TRACES_ENDPOINT = env.str("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", default="")
+OTEL_SERVICE_NAME = env.str("OTEL_SERVICE_NAME", default="agent-platform")
+OTEL_TRACES_ENABLED = bool(OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) \
+    and not env.bool("OTEL_SDK_DISABLED", default=False)
 
 # --- REST framework and OpenAPI --------------------------------------------------------
 REST_FRAMEWORK = {
@@ -417,13 +443,26 @@ SPECTACULAR_SETTINGS = {
 
 # --- Logging ------------------------------------------------------------------------------
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").upper()
+if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"):
+    raise ImproperlyConfigured(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {LOG_LEVEL!r}.")
+# json: one JSON object a line (agentplatform.logs); text: for people. Default: text when stderr
+# is a terminal, json otherwise (containers, log shippers).
+LOG_FORMAT = env.str("LOG_FORMAT", default="text" if sys.stderr.isatty() else "json").lower()
+if LOG_FORMAT not in ("json", "text"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be json or text, not {LOG_FORMAT!r}.")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    # Every record is masked (e-mail addresses, phone numbers, keys, tokens, card numbers).
-    "filters": {"mask": {"()": "governance.masking.MaskingFilter"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["mask"]}},
+    "formatters": {
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
+        "json": {"()": "agentplatform.logs.JsonFormatter"},
+    },
+    # Every record gets its request id (and trace id), then is masked (e-mail addresses, phone
+    # numbers, keys, tokens, card numbers); the JSON formatter masks every field it writes too.
+    "filters": {"context": {"()": "agentplatform.logs.ContextFilter"},
+                "mask": {"()": "governance.masking.MaskingFilter"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT,
+                             "filters": ["context", "mask"]}},
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.request": {"level": "ERROR"},
@@ -443,6 +482,8 @@ AUTH_PASSWORD_VALIDATORS = [
 # Pipeline stages around every chat turn (dotted paths; see agents/pipeline.py). Governance and
 # billing register theirs here.
 AGENT_PIPELINE_STAGES: list[str] = [
+    # First: it times and counts every turn, refused ones included (its `refused` sees them all).
+    "agentplatform.metrics.MetricsStage",
     "governance.guards.InputGuardStage",
     "governance.flags.FeatureFlagStage",
     "governance.ratelimit.RateLimitStage",

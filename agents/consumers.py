@@ -54,8 +54,10 @@ from django.conf import settings
 from django.http.request import is_same_domain, split_domain_port, validate_host
 from django.utils.datastructures import CaseInsensitiveMapping
 
+from agentplatform import metrics, tracing
 from agentplatform.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied, PlatformError
 from agentplatform.jsonparse import loads_strict
+from agentplatform.logs import request_id_var
 from governance.idempotency import (
     idempotency_claim,
     idempotency_fingerprint,
@@ -351,7 +353,8 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
                                  code="idempotency_unavailable", param="idempotency_key")
         self.cancel_requested = False
         self.phase = "preparing"
-        self.turn_task = asyncio.create_task(self._turn(data))
+        self.turn_task = asyncio.create_task(tracing.traced_task(self._turn(data), "websocket turn",
+                                                                 {"gen_ai.agent.name": self.agent_name}))
 
     def _cancel_if_streaming(self, task: asyncio.Task) -> None:
         if self._cancellable() and not task.done():
@@ -378,6 +381,7 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
 
     async def _turn(self, data: ChatInput) -> None:
         request_id = f"req_{uuid.uuid4().hex}"
+        request_id_var.set(request_id)  # this task's log records carry it (agentplatform.logs)
         close_code: int | None = None
         try:
             final = await self._run_turn(data, request_id)
@@ -463,6 +467,7 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
         last: dict | None = None
         cancelled = False
         events = turn.events()
+        metrics.stream_opened("websocket")
         try:
             async for event in events:
                 kind = event["type"]
@@ -482,6 +487,7 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
             cancelled = True
         finally:
             self.phase = "finishing"
+            metrics.stream_closed("websocket")
             await events.aclose()
         if cancelled or turn.status == Run.Status.CANCELLED or last is None:
             return [done_event(turn, cancelled=True)]

@@ -46,6 +46,7 @@ from django.utils.module_loading import import_string
 from agentplatform.cache import cache_get_many
 from agentplatform.db import run_db, write_db
 from agentplatform.errors import NotFound, PlatformError
+from agentplatform.tracing import stage_hook
 from governance.masking import mask_data, mask_text
 from governance.principal import Principal
 from governance.selectors import api_key_cache_key, api_key_entry, principal_from_entry
@@ -369,7 +370,7 @@ def _hooks(name: str) -> list:
     paths = tuple(settings.AGENT_PIPELINE_STAGES)
     if _stage_cache is None or _stage_cache[0] != paths:
         stages = [import_string(p)() for p in paths]
-        _stage_cache = (paths, {hook: [getattr(s, hook) for s in stages if hasattr(s, hook)] for hook in _HOOKS})
+        _stage_cache = (paths, {hook: [stage_hook(s, hook) for s in stages if hasattr(s, hook)] for hook in _HOOKS})
     return _stage_cache[1][name]
 
 

@@ -28,8 +28,10 @@ from typing import AsyncIterator
 
 from django.conf import settings
 
+from agentplatform import tracing
 from agentplatform.circuit import ALLOWED, circuit_acquire, circuit_failure, circuit_success
 from agentplatform.errors import PlatformError
+from agentplatform.metrics import LlmCall, llm_call_skipped
 
 from .providers import Completion, ModelCall, ProviderError, TextDelta, Usage, provider_for
 from .providers.base import ProviderTimeout
@@ -83,6 +85,8 @@ class AgentRun:
     # ended before any model answered is recorded with, and what its call in flight is billed as.
     model_in_flight: str = ""
     deadline: Deadline | None = None
+    # The run's span while tracing (agentplatform.tracing): its model and tool calls' parent.
+    span: object = tracing.NO_SPAN
     _pending_text: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -97,7 +101,25 @@ class AgentRun:
         """What was produced so far, including an answer cut off mid-stream."""
         return self.output + "".join(self._pending_text)
 
-    async def events(self) -> AsyncIterator[dict]:
+    def events(self) -> AsyncIterator[dict]:
+        """The run's events; in a span `agent.run` while tracing (no wrapper otherwise)."""
+        return self._traced_events() if tracing.enabled() else self._events()
+
+    async def _traced_events(self) -> AsyncIterator[dict]:
+        self.span = tracing.start("agent.run", {"gen_ai.agent.name": self.agent.name, "agent.stream": self.stream})
+        try:
+            async with aclosing(self._events()) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self.span.set_attributes({"gen_ai.response.model": self.model or self.model_in_flight,
+                                      "agent.steps": self.steps, "gen_ai.usage.input_tokens": self.usage.prompt_tokens,
+                                      "gen_ai.usage.output_tokens": self.usage.completion_tokens})
+            if self.error is not None:
+                tracing.fail(self.span, self.error.code, self.error.message)
+            self.span.end()
+
+    async def _events(self) -> AsyncIterator[dict]:
         agent = self.agent
         offered = agent.skills if self.skills is None else self.skills
         tools = [tool_definition(s) for s in offered] or None
@@ -124,13 +146,16 @@ class AgentRun:
                     permit = await circuit_acquire(model, lease_seconds=deadline.remaining())
                     if not permit.allowed:
                         failure = circuit_open_error(model, permit.retry_after)
+                        llm_call_skipped(model=model, outcome=failure.code)
                 if failure is None:
                     call = ModelCall(model="", messages=conversation, tools=None if last_step else tools,
                                      temperature=agent.temperature if self.temperature is None else self.temperature,
                                      max_tokens=self.max_tokens or agent.max_tokens)
                     started = time.perf_counter()
+                    observed = LlmCall(agent=agent.name, model=model, attempt=retries + 1, fallback=model_index > 0,
+                                       parent=self.span)
                     try:
-                        async with aclosing(self._attempt(model, call, deadline)) as parts:
+                        async with aclosing(self._attempt(model, call, deadline, observed)) as parts:
                             async for part in parts:
                                 if isinstance(part, TextDelta):
                                     sent_any = True
@@ -142,7 +167,11 @@ class AgentRun:
                         failure = exc
                     except TimeoutError:  # the run's deadline (_attempt's own limits raise ProviderTimeout)
                         failure = deadline.error()
+                    except BaseException as exc:  # cancelled (the client left, a cancel frame): counted too
+                        observed.ended(exc)
+                        raise
                     latency_ms = int((time.perf_counter() - started) * 1000)
+                    observed.ended(failure, completion.usage if failure is None else getattr(failure, "usage", None))
                     if failure is None:
                         await circuit_success(model, permit)
                     else:
@@ -198,9 +227,10 @@ class AgentRun:
                 yield {"type": "tool_call", "id": tc.id, "name": tc.name, "arguments": tc.arguments}
             try:
                 async with asyncio.timeout(deadline.remaining()):
-                    results = await asyncio.gather(*(
+                    results = await asyncio.gather(*(tracing.tool_call(
                         skill_execute(skill=skills[tc.name], arguments=tc.arguments, context=context)
-                        if tc.name in skills else _unknown_tool(tc.name) for tc in calls))
+                        if tc.name in skills else _unknown_tool(tc.name), name=tc.name, call_id=tc.id, parent=self.span)
+                        for tc in calls))
             except TimeoutError:
                 yield self._fail(deadline.error())
                 return
@@ -221,7 +251,8 @@ class AgentRun:
         self.error = err
         return {"type": "error", "code": err.code, "message": err.message, "status": err.http_status}
 
-    async def _attempt(self, model: str, call: ModelCall, deadline: Deadline) -> AsyncIterator[TextDelta | Completion]:
+    async def _attempt(self, model: str, call: ModelCall, deadline: Deadline,
+                       observed: LlmCall) -> AsyncIterator[TextDelta | Completion]:
         """One call of `model`: its parts (text deltas when streaming, then the Completion),
         each awaited within the run's deadline (TimeoutError) and a stream's first-token and
         idle limits (ProviderTimeout). No part is yielded inside a timeout scope: the consumer's
@@ -230,8 +261,10 @@ class AgentRun:
         # The SDK's own timeout sits just past the deadline, so that the deadline fires first.
         call = replace(call, model=name, timeout=deadline.remaining() + 0.5)
         if not self.stream:
-            async with asyncio.timeout(deadline.remaining()):
-                completion = await provider.complete(call)
+            with observed.current():  # no yield inside: the upstream request's span nests under the call's
+                async with asyncio.timeout(deadline.remaining()):
+                    completion = await provider.complete(call)
+            observed.first_part()
             yield completion
             return
         first_token, idle = settings.LLM_FIRST_TOKEN_TIMEOUT_SECONDS, settings.LLM_STREAM_IDLE_TIMEOUT_SECONDS
@@ -243,8 +276,9 @@ class AgentRun:
                 remaining = deadline.remaining()
                 own_limit = 0 < gap < remaining
                 try:
-                    async with asyncio.timeout(gap if own_limit else remaining) as scope:
-                        part = await anext(parts)
+                    with observed.current():
+                        async with asyncio.timeout(gap if own_limit else remaining) as scope:
+                            part = await anext(parts)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
@@ -253,6 +287,7 @@ class AgentRun:
                         raise ProviderTimeout(f"{provider.name} {what} within {gap:g} s.") from None
                     raise
                 got_one = True
+                observed.first_part()
                 yield part
 
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 from django.conf import settings
 from django.http import StreamingHttpResponse
 
+from agentplatform import metrics
 from agentplatform.errors import PlatformError
 
 if TYPE_CHECKING:
@@ -235,12 +236,15 @@ async def openai_stream(turn: ChatTurn, events: AsyncIterator[dict], include_usa
     yield b"data: [DONE]\n\n"
 
 
-async def with_heartbeats(source: AsyncIterator[bytes], interval: float) -> AsyncIterator[bytes]:
+async def with_heartbeats(source: AsyncIterator[bytes], interval: float, transport: str = "sse"
+                          ) -> AsyncIterator[bytes]:
     """Yield from `source`, inserting a comment line whenever it is silent for `interval` seconds,
     so proxies and load balancers keep an idle stream open. The pending read is never
-    cancelled by a heartbeat; closing this generator closes `source`."""
+    cancelled by a heartbeat; closing this generator closes `source`. Counted in
+    `active_streams{transport}` while it is sent."""
     iterator = source.__aiter__()
     pending: asyncio.Future | None = None
+    metrics.stream_opened(transport)
     try:
         while True:
             if pending is None:
@@ -257,6 +261,7 @@ async def with_heartbeats(source: AsyncIterator[bytes], interval: float) -> Asyn
                 pending = None
             yield chunk
     finally:
+        metrics.stream_closed(transport)
         if pending is not None and not pending.done():
             pending.cancel()
             try:
@@ -273,12 +278,13 @@ async def stream_response(turn: ChatTurn, encode: Callable[..., AsyncIterator[by
     """The turn as a text/event-stream response in `encode`'s format, started once the model
     answered (`answered`); raises the run's error if it failed before that."""
     events = await answered(turn, settings.SSE_HEARTBEAT_SECONDS)
-    return event_stream_response(encode(turn, events, **options), turn.response_headers)
+    return event_stream_response(encode(turn, events, **options), turn.response_headers, transport=str(turn.transport))
 
 
-def event_stream_response(source: AsyncIterator[bytes], headers: dict[str, str]) -> StreamingHttpResponse:
+def event_stream_response(source: AsyncIterator[bytes], headers: dict[str, str],
+                          transport: str = "sse") -> StreamingHttpResponse:
     """A text/event-stream response with heartbeats; proxies told not to buffer it."""
-    response = StreamingHttpResponse(with_heartbeats(source, settings.SSE_HEARTBEAT_SECONDS),
+    response = StreamingHttpResponse(with_heartbeats(source, settings.SSE_HEARTBEAT_SECONDS, transport),
                                      content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream

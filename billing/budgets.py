@@ -53,6 +53,7 @@ from django.utils import timezone
 
 from agentplatform.db import run_db, write_db
 from agentplatform.errors import InvalidRequest, NotFound, PlatformError
+from agentplatform.metrics import budget_settled
 
 from .models import Budget, BudgetSpend
 
@@ -284,6 +285,8 @@ def budget_settle(*, reservation: Reservation, actual_usd: Decimal | None) -> No
             row.spent_usd = row.spent_usd + actual
             row.save(update_fields=["reserved_usd", "spent_usd", "updated_at"])
             known = limits.get(row.id)
+            if known:
+                budget_settled(budget_id=row.budget_id, spent=row.spent_usd, limit=known[0])
             if actual > 0 and known and thresholds_crossed(*known, spent_before, row.spent_usd):
                 crossed.append((row, spent_before))
         if crossed:

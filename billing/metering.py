@@ -30,6 +30,7 @@ from decimal import Decimal
 
 from agentplatform.cache import cache_get_many
 from agentplatform.db import run_db
+from agentplatform.metrics import llm_usage
 
 from .pricing import PRICES_CACHE_KEY, Price, Usd, call_cost, price_from, prices_load
 
@@ -95,6 +96,7 @@ class MeteringStage:
         note = turn.notes.setdefault(NOTE, {"prices": []})
         calls = metered_calls(turn, note["prices"])
         note["calls"] = calls
+        llm_usage(agent=turn.agent.name, calls=calls)
         turn.cost_usd = Usd(sum((c.cost_usd for c in calls), Decimal("0")).quantize(Decimal("0.00000001")))
         prompt = sum(c.prompt_tokens for c in calls)
         completion = sum(c.completion_tokens for c in calls)

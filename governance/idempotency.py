@@ -60,6 +60,7 @@ from django.utils import timezone
 
 from agentplatform.db import run_db
 from agentplatform.errors import Conflict, InvalidRequest, PlatformError
+from agentplatform.metrics import idempotent_replayed
 
 from .models import IdempotencyRecord
 
@@ -140,6 +141,7 @@ async def idempotency_claim(*, api_key_id: int, key: str, fingerprint: str,
             if record["request_hash"] != fingerprint:
                 raise IdempotencyKeyReused(param=param)
             if record["state"] == IdempotencyRecord.State.DONE:
+                idempotent_replayed()
                 return None, record
             if time.monotonic() >= deadline:
                 raise IdempotencyInProgress(param=param, headers={"Retry-After": "1"})
