@@ -42,4 +42,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status == 200 else 1)"]
 
-CMD ["sh", "-c", "python manage.py migrate --noinput && exec daphne -b 0.0.0.0 -p 8000 agentplatform.asgi:application"]
+CMD ["sh", "-c", "python manage.py migrate --noinput && exec daphne -v 0 -b 0.0.0.0 -p 8000 agentplatform.asgi:application"]

@@ -56,6 +56,8 @@ class JsonFormatter(_JsonFormatter):
     """One JSON object a line (see the module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if not args:
+            kwargs.setdefault("fmt", "%(levelname)s %(name)s %(message)s")
         kwargs.setdefault("rename_fields", {"levelname": "level", "name": "logger"})
         kwargs.setdefault("timestamp", True)
         super().__init__(*args, **kwargs)

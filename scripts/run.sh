@@ -142,4 +142,5 @@ rule='==========================================================================
 }
 
 # --- Serve -------------------------------------------------------------------------------
-exec "$VENV/bin/daphne" -b "$HOST" -p "$PORT" agentplatform.asgi:application
+# -v 0: the platform writes its own access lines (agentplatform.access, in LOG_FORMAT); daphne's would repeat them.
+exec "$VENV/bin/daphne" -v 0 -b "$HOST" -p "$PORT" agentplatform.asgi:application
