@@ -295,3 +295,29 @@ def test_two_workers_report_the_hosts_sums(tmp_path):
         stop_processes(processes)
     # A worker that exits takes its live gauges (streams in flight) with it.
     assert not [f for f in os.listdir(multiproc) if f.startswith("gauge_livesum_")]
+
+
+async def test_the_dashboard_charts_only_metrics_the_platform_exports(make_agent, make_key, admin):
+    """deploy/grafana/dashboards/agentplatform.json: each metric its queries name is in a scrape
+    (after a turn, a refusal and a task: the families with labels appear once used)."""
+    import re
+
+    await orm(make_agent, name="charted", rate_limit_rpm=1)
+    key = await orm(make_key)
+    await Api(key).post("/api/v1/agents/charted/chat", {"message": "one"})
+    await Api(key).post("/api/v1/agents/charted/chat", {"message": "two"})
+    scraped = {name for name, _ in await scrape(admin)}
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "agentplatform.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    named = set(re.findall(r"\b((?:agent|llm|rate|budget|circuit|active|idempotent|celery|django)_[a-z_]+)\b",
+                           " ".join(queries)))
+    # Families that only appear once something happened in this process: checked by name.
+    from agentplatform import metrics
+
+    defined = {m._name for m in vars(metrics).values() if hasattr(m, "_name") and hasattr(m, "_type")}
+    unknown = {n for n in named
+               if n not in scraped and re.sub(r"_(bucket|total|count|sum)$", "", n) not in defined}
+    assert not unknown, f"the dashboard names metrics nobody exports: {sorted(unknown)}"
+    assert {"agent_requests_total", "agent_request_latency_seconds_bucket", "llm_tokens_total",
+            "llm_cost_usd_total", "rate_limited_total", "budget_blocked_total", "budget_spent_ratio",
+            "circuit_state", "active_streams"} <= named
