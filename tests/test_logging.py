@@ -35,6 +35,9 @@ def json_log():
     """The root logger also writes to a buffer, formatted and filtered as settings.LOGGING's
     console handler is with LOG_FORMAT=json. Returns a function giving the lines as objects."""
     import agentplatform.asgi  # noqa: F401  (its django.setup() configures logging anew: before we add ours)
+    from agentplatform.logs import request_id_var
+
+    request_id_var.set("")  # not serving a request (an earlier test's event loop may have left its id)
 
     buffer = io.StringIO()
     handler = logging.StreamHandler(buffer)
