@@ -419,3 +419,29 @@ def test_kill_9_mid_stream_leaves_no_run_unrecorded_and_no_budget_held(tmp_path,
     print(f"\nkill -9 with {streams} streams in flight: client received {sum(received)} deltas; "
           f"runs {after['runs'].count('interrupted')}/{streams} interrupted; metered completion tokens "
           f"{sum(metered)}; spent {after['spent']} USD; reserved left {after['reserved']} USD")
+
+
+async def test_a_run_that_could_not_be_stored_is_swept_without_settling_twice(
+        make_agent, make_key, openai_settings, fake_upstream, settings):
+    """Its final write failed: its worker released the reservation itself (and took it off the
+    run row), the row stays running; the sweeper ends it later and settles nothing again."""
+    settings.AGENT_PIPELINE_STAGES = [*settings.AGENT_PIPELINE_STAGES, "test_audit.BrokenPersistStage"]
+    await orm(set_price)
+    await orm(make_agent, name="slow", model=MODEL, max_tokens=500)
+    key = await orm(make_key)
+    budget = await orm(budget_create, scope="global", period="total", limit_usd=Decimal("5"))
+
+    response = await Api(key).post(CHAT.format("slow"), {"message": "hello"})
+
+    assert response.status_code == 500 and response.json()["error"]["code"] == "run_not_stored"
+    run = await orm(lambda: Run.objects.get())
+    assert (run.status, run.reservation) == ("running", {})
+    settled = await orm(spend_of, budget.id)
+    assert settled.reserved_usd == 0 and settled.spent_usd > 0
+    await orm(lambda: Run.objects.update(lease_expires_at=timezone.now() - timedelta(seconds=1)))
+
+    assert await orm(sweep_interrupted_runs) == 1
+
+    after = await orm(spend_of, budget.id)
+    assert (after.reserved_usd, after.spent_usd) == (0, settled.spent_usd)
+    assert (await orm(lambda: Run.objects.get())).status == "interrupted"
