@@ -35,6 +35,15 @@ if settings.SERVE_STATIC:
 # Origin check happens here: server clients authenticate with a Bearer key and send no Origin,
 # which channels' AllowedHostsOriginValidator would refuse. The consumer checks the Host against
 # ALLOWED_HOSTS and honours a session only from this site's own Origin (agents.consumers).
+# Crash safety on start-up: runs a dead process left `running` are ended (agents.recovery);
+# on the embedded default, the beat schedule runs in this process (agentplatform.scheduler).
+from agents.recovery import sweep_on_startup  # noqa: E402
+
+from .scheduler import start_inprocess_beat  # noqa: E402
+
+sweep_on_startup()
+start_inprocess_beat()
+
 application = ProtocolTypeRouter({
     # The request's span (while tracing is on) covers everything, the 413s included.
     "http": TracedASGI(BodySizeLimitASGI(http_app, settings.MAX_REQUEST_BYTES)),

@@ -262,7 +262,15 @@ CELERY_BEAT_SCHEDULE: dict = {
     # Daily usage rollups: hourly at :05, so yesterday is final shortly after 00:00 UTC and today
     # is never more than an hour behind.
     "rollup-usage": {"task": "billing.tasks.rollup_usage_task", "schedule": _crontab(minute=5)},
+    # Runs whose worker died (lease ran out): ended as interrupted, reservations settled.
+    "sweep-interrupted-runs": {"task": "agents.tasks.sweep_interrupted_runs_task",
+                               "schedule": float(env.int("RUN_SWEEP_SECONDS", default=30))},
 }
+# Run the beat schedule inside each ASGI process (agentplatform.scheduler): the embedded default,
+# where no Celery beat runs. Off by default once a broker is configured (run `celery beat`).
+INPROCESS_BEAT = env.bool("INPROCESS_BEAT", default=CELERY_TASK_ALWAYS_EAGER)
+# Each ASGI process and Celery worker sweeps interrupted runs once when it starts.
+RUN_SWEEP_ON_START = env.bool("RUN_SWEEP_ON_START", default=True)
 
 # --- Static files and templates ---------------------------------------------------------
 STATIC_URL = "/static/"
@@ -345,6 +353,16 @@ if min(LLM_MAX_RETRIES, LLM_RETRY_BASE_SECONDS, LLM_RETRY_MAX_WAIT_SECONDS, LLM_
         or CIRCUIT_WINDOW_SECONDS <= 0 or CIRCUIT_COOLDOWN_SECONDS <= 0:
     raise ImproperlyConfigured("LLM_MAX_RETRIES, LLM_RETRY_*, LLM_*_TIMEOUT_SECONDS and CIRCUIT_FAILURE_THRESHOLD "
                                "must be >= 0, CIRCUIT_WINDOW_SECONDS and CIRCUIT_COOLDOWN_SECONDS > 0.")
+# Crash safety (agents.recovery): a running run's worker renews its lease every
+# RUN_CHECKPOINT_SECONDS (checkpointing what it produced); a run whose lease is RUN_LEASE_SECONDS
+# old is ended by the sweeper as interrupted.
+RUN_LEASE_SECONDS = env.int("RUN_LEASE_SECONDS", default=60)
+RUN_CHECKPOINT_SECONDS = env.float("RUN_CHECKPOINT_SECONDS", default=5.0)
+if RUN_CHECKPOINT_SECONDS <= 0 or RUN_LEASE_SECONDS < 3 * RUN_CHECKPOINT_SECONDS:
+    raise ImproperlyConfigured("RUN_CHECKPOINT_SECONDS must be > 0 and RUN_LEASE_SECONDS at least 3 times it "
+                               "(a lease survives two missed renewals).")
+if env.int("RUN_SWEEP_SECONDS", default=30) <= 0:
+    raise ImproperlyConfigured("RUN_SWEEP_SECONDS must be > 0.")
 # WebSocket chat (agents.consumers). Larger client frames get an error frame `frame_too_large`
 # (daphne itself closes with 1009 above its --websocket-max-message-size, 1 MiB by default).
 WS_MAX_FRAME_BYTES = env.int("WS_MAX_FRAME_BYTES", default=524_288)

@@ -12,12 +12,23 @@ each defining any of:
   `async before(turn)`  may raise a PlatformError to refuse the turn before the model is
                         called (rate limit, budget, guard); may narrow `turn.skills` or add
                         `turn.response_headers`;
+  `start(turn)`         sync, inside the transaction that records the run as `running` before
+                        the model is called (the budget stage reserves here, so a reservation
+                        never exists without the run that holds it); may raise a PlatformError;
+                        a stage that locks rows here sets `turn.start_locks = True` in `before`
+                        (the transaction then runs alone, not in a group commit);
   `finished(turn)`      sync, no I/O, when the run ends and before its last event is sent
                         (billing prices the run here so `done` carries its cost);
   `persist(turn)`       sync, inside the transaction that stores the run, so its rows (audit
                         entry, usage) commit or vanish with the run's own;
   `async after(turn)`   sees the finished (or failed, or cancelled) turn.
-A turn refused in `before` is reported to each stage's `refused(turn, error)` if it has one.
+A turn refused in `before` or `start` is reported to each stage's `refused(turn, error)`.
+
+Crash safety (agents.recovery): the run row exists from the start, `running`, with a lease its
+worker renews (checkpointing what was produced) while it runs; a run whose worker died is ended
+`interrupted` by the sweeper. The run's final write updates that row only while it is still
+`running`: a run the sweeper ended meanwhile (a worker stalled past its lease) is not stored or
+settled twice (`turn.swept`).
 The transcript and run are written in one transaction, group-committed, after the model answered;
 the run's last event (`done` or `error`) is yielded only once that transaction committed.
 A run whose rows cannot be stored (a row the database refuses, a session deleted mid-run) is
@@ -65,6 +76,19 @@ STORE_FAILED = "run_not_stored"
 class RunNotStored(PlatformError):
     code = STORE_FAILED
     message = "The answer could not be recorded, so it is not delivered; retry the request."
+
+
+class RunNotQueued(PlatformError):
+    """An async run's row is no longer `queued` when its worker picks it up (cancelled, or
+    already taken by another delivery)."""
+
+    http_status = 409
+    code = "run_not_queued"
+    message = "The run is no longer queued."
+
+
+class RunAlreadyEnded(Exception):
+    """The sweeper ended the run (its lease ran out) before its worker stored it."""
 
 
 async def principal_and_agent(key: str | None, agent_name: str | None) -> tuple[Principal | None, AgentSpec | None]:
@@ -135,6 +159,16 @@ class ChatTurn:
     # client that left before the first frame) is finished as cancelled, so what its stages
     # hold (budget reservations) is released and the run is still recorded.
     start_timeout: float = 10.0
+    # An async run: `run_id` names its `queued` row, which the start moves to `running`.
+    queued: bool = False
+    # Set in `before` by a stage whose `start` locks rows (see the module doc).
+    start_locks: bool = False
+    # The open budget reservation, as stored on the run row for the sweeper (set in `start`).
+    reservation: dict = field(default_factory=dict)
+    # True once the run row is recorded as running; `swept` when the sweeper ended it first.
+    recorded: bool = False
+    swept: bool = False
+    lease_renewed_at: float = 0.0
     _started: bool = False
     _watchdog: object = None
     run_id: uuid.UUID = field(default_factory=uuid.uuid4)
@@ -157,19 +191,52 @@ class ChatTurn:
         # A skill the key may not use is never offered to the model.
         principal = self.principal
         self.skills = tuple(s for s in self.agent.skills if principal is None or principal.may_use_skill(s.name))
-        for before in _hooks("before"):
-            try:
+        try:
+            for before in _hooks("before"):
                 await before(self)
-            except PlatformError as exc:
-                for refused in _hooks("refused"):
-                    await refused(self, exc)
-                raise
+            await self._record_start()
+        except PlatformError as exc:
+            for refused in _hooks("refused"):
+                await refused(self, exc)
+            raise
         messages = [{"role": "system", "content": self.agent.system_prompt}] if self.agent.system_prompt else []
         messages += history
         messages += self.input_messages
         self.run = AgentRun(agent=self.agent, messages=messages, stream=self.stream, request_id=self.request_id,
                             temperature=self.temperature, max_tokens=self.max_tokens, skills=self.skills)
         self._watchdog = asyncio.get_running_loop().call_later(self.start_timeout, self._abandon_if_unstarted)
+
+    async def _record_start(self) -> None:
+        """Record the run as running (with what `start` hooks do) before the model is called."""
+        from .recovery import leases
+
+        # Row locks (budget reservations) are taken in a transaction of their own: in a group
+        # commit they would be held while the batch waits for other jobs' locks.
+        await (run_db(self._start_row) if self.start_locks else write_db(self._start_row))
+        self.recorded = True
+        leases.track(self)
+
+    def _start_row(self) -> None:
+        from .recovery import lease_deadline, prompt_estimate
+
+        self.notes["_prompt_estimate"] = prompt_estimate(self)
+        with transaction.atomic():
+            for start in _hooks("start"):
+                start(self)
+            fields = {
+                "status": Run.Status.RUNNING, "transport": self.transport, "model": self.agent.model,
+                "api_key_id": self.principal.key_id if self.principal else None,
+                "request_id": self.request_id or "", "started_at": self.started_at,
+                "lease_expires_at": lease_deadline(), "reservation": self.reservation,
+                "variant": str(getattr(self, "variant", "") or "")[:100],
+                "metadata": {"checkpoint": {"prompt_tokens": self.notes["_prompt_estimate"]}},
+            }
+            if self.queued:
+                if not Run.objects.filter(pk=self.run_id, status=Run.Status.QUEUED,
+                                          cancel_requested=False).update(**fields):
+                    raise RunNotQueued()
+            else:
+                Run.objects.create(id=self.run_id, agent_id=self.agent.id, **fields)
 
     def _abandon_if_unstarted(self) -> None:
         if not self._started:
@@ -243,9 +310,16 @@ class ChatTurn:
                 logger.exception("Pipeline stage %s failed when run %s ended", _owner(finished), self.run_id)
 
     async def _finish(self) -> None:
+        from .recovery import leases
+
         self._run_finished()  # a run cut short (client gone) is priced too
         try:
             await write_db(self._persist)
+        except RunAlreadyEnded:
+            self.swept = True
+            self.store_error = "run_interrupted"
+            logger.warning("Run %s ended after the sweeper had ended it as interrupted (its lease of %s s ran "
+                           "out); its estimated usage stands", self.run_id, settings.RUN_LEASE_SECONDS)
         except Exception:
             logger.exception("Could not store run %s with its transcript; storing it without", self.run_id)
             self.store_error = TRANSCRIPT_NOT_STORED  # the stages' rows say so too (audit details)
@@ -254,6 +328,7 @@ class ChatTurn:
             except Exception:
                 self.store_error = STORE_FAILED
                 logger.exception("Could not store run %s at all: its usage is NOT metered", self.run_id)
+        leases.untrack(self)
         for after in _hooks("after"):
             try:
                 await after(self)
@@ -285,14 +360,16 @@ class ChatTurn:
                         defaults={"agent_id": self.agent.id, "api_key_id": self.principal.key_id if self.principal else None,
                                   "user_id": self.user_id, "title": _title(self.input_messages, clean),
                                   "metadata": client_metadata, "last_activity_at": now})
-            Run.objects.create(
-                id=self.run_id, agent_id=self.agent.id, session=session,
-                api_key_id=self.principal.key_id if self.principal else None,
-                status=self.status, transport=self.transport, model=_model_of(run),
+            ended = Run.objects.filter(pk=self.run_id, status=Run.Status.RUNNING).update(
+                session=session, lease_expires_at=None, reservation={},
+                variant=str(getattr(self, "variant", "") or "")[:100],
+                output=clean(run.output if self.status == Run.Status.SUCCEEDED else run.partial_output)
+                if self.transport == Run.Transport.TASK else "",
+                status=self.status, model=_model_of(run),
                 prompt_tokens=run.usage.prompt_tokens, completion_tokens=run.usage.completion_tokens,
                 total_tokens=run.usage.total_tokens, steps=run.steps, latency_ms=self.latency_ms,
                 error_code=error.code if error else "", error_message=error.message if error else "",
-                request_id=self.request_id or "", started_at=self.started_at, finished_at=now,
+                finished_at=now,
                 metadata={**({"client": client_metadata} if client_metadata else {}),
                           **({} if transcript else {"transcript_stored": False}),
                           "calls": [{"model": c.model, "prompt_tokens": c.usage.prompt_tokens,
@@ -300,6 +377,8 @@ class ChatTurn:
                                      "error": c.error_code, "latency_ms": c.latency_ms,
                                      "estimated": not c.usage.reported} for c in run.calls]},
             )
+            if not ended:
+                raise RunAlreadyEnded(self.run_id)
             if session is not None:
                 rows = [Message(session=session, run_id=self.run_id, role=m["role"],
                                 content=clean(m.get("content") or ""), created_at=self.started_at)
@@ -356,7 +435,7 @@ def _title(messages: list[dict], clean=_same) -> str:
     return ""
 
 
-_HOOKS = ("before", "refused", "finished", "persist", "after")
+_HOOKS = ("before", "start", "refused", "finished", "persist", "after")
 _stage_cache: tuple[tuple[str, ...], dict[str, list]] | None = None
 
 

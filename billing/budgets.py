@@ -1,9 +1,12 @@
 """Budgets that are never overspent: reserve the worst case before the model is called, settle
 to the actual cost when the run is stored, release what a refused or lost turn reserved.
 
-    before(turn)    budget_reserve: worst-case cost of the turn, added to `reserved_usd` of every
-                    applicable budget's current period (BudgetSpend row) — or 402 if a hard
-                    budget has no room for it, and then nothing is reserved anywhere.
+    before(turn)    the worst-case cost of the turn, when a budget applies (reads only);
+    start(turn)     budget_reserve, inside the transaction that records the run as running (the
+                    run row keeps the reservation, for agents.recovery's sweeper): the worst
+                    case added to `reserved_usd` of every applicable budget's current period
+                    (BudgetSpend row) — or 402 if a hard budget has no room for it, and then
+                    nothing is reserved anywhere and no run is recorded.
     persist(turn)   budget_settle inside the run's transaction: reserved -= worst case,
                     spent += turn.cost_usd (set by the metering stage in `finished`).
     refused(turn)   a later stage refused the turn: budget_release (settle with 0 spent).
@@ -526,22 +529,36 @@ class BudgetStage:
     """Reserve before the model call, settle with the run, release when refused (see module doc)."""
 
     async def before(self, turn) -> None:
-        agent = turn.agent
         key_id = turn.principal.key_id if turn.principal else None
-        reservation = await run_db(self._reserve, turn, key_id, agent)
-        if reservation is not None:
-            turn.notes[NOTE] = {"reservation": reservation, "settled": False}
+        amount = await run_db(self._worst_case, turn, key_id)
+        if amount is not None:
+            # Reserved in `start`, in the transaction that records the run as running: the run
+            # row names its reservation, so the sweeper can settle it if this worker dies.
+            turn.notes[NOTE] = {"amount": amount, "reservation": None, "settled": False}
+            turn.start_locks = True
 
     @staticmethod
-    def _reserve(turn, key_id: int | None, agent) -> Reservation | None:
-        if not any(_applies(row, key_id, agent.id) for row in _enabled_budgets()):
+    def _worst_case(turn, key_id: int | None) -> Decimal | None:
+        if not any(_applies(row, key_id, turn.agent.id) for row in _enabled_budgets()):
             return None  # the common case costs one cache read, no query
-        amount = turn_worst_case(turn)
-        return budget_reserve(key_id=key_id, agent_id=agent.id, amount=amount)
+        return turn_worst_case(turn)
+
+    def start(self, turn) -> None:
+        note = turn.notes.get(NOTE)
+        if not note:
+            return
+        key_id = turn.principal.key_id if turn.principal else None
+        reservation = budget_reserve(key_id=key_id, agent_id=turn.agent.id, amount=note["amount"])
+        if reservation is None:
+            turn.notes.pop(NOTE, None)
+            return
+        turn.reservation = {"spend_ids": list(reservation.spend_ids), "amount": str(reservation.amount)}
+        # Held only once the start commits: a start that rolls back reserved nothing.
+        transaction.on_commit(lambda: note.update(reservation=reservation))
 
     def persist(self, turn) -> None:
         note = turn.notes.get(NOTE)
-        if not note or note["settled"]:
+        if not note or note["settled"] or note["reservation"] is None:
             return
         budget_settle(reservation=note["reservation"], actual_usd=turn.cost_usd)
         # Marked only once the run's transaction commits: rolled back, `after` settles on its own.
@@ -549,20 +566,30 @@ class BudgetStage:
 
     async def after(self, turn) -> None:
         note = turn.notes.get(NOTE)
-        if not note or note["settled"]:
+        if not note or note["settled"] or note["reservation"] is None:
             return
+        if turn.swept:
+            return  # the sweeper ended the run and settled its reservation
         await self._settle_alone(turn, note, turn.cost_usd)
 
     async def refused(self, turn, error) -> None:
         note = turn.notes.get(NOTE)
-        if not note or note["settled"]:
+        if not note or note["settled"] or note["reservation"] is None:
             return  # refused before (or by) this stage: nothing was reserved
         await self._settle_alone(turn, note, Decimal("0"))
 
     @staticmethod
     async def _settle_alone(turn, note: dict, actual: Decimal | None) -> None:
+        from agents.models import Run
+
+        def settle() -> None:
+            with transaction.atomic():
+                budget_settle(reservation=note["reservation"], actual_usd=actual)
+                # The run row no longer holds it: a sweeper ending that run settles nothing.
+                Run.objects.filter(pk=turn.run_id, status=Run.Status.RUNNING).update(reservation={})
+
         try:
-            await write_db(lambda: budget_settle(reservation=note["reservation"], actual_usd=actual))
+            await write_db(settle)
             note["settled"] = True
         except DatabaseError:
             logger.exception("Could not settle the budget reservation of run %s", turn.run_id)

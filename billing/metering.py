@@ -48,8 +48,9 @@ class MeteredCall:
     priced: bool
 
 
-def metered_calls(turn, prices: list[dict]) -> list[MeteredCall]:
-    """The priced calls of a finished turn (no I/O)."""
+def metered_calls(turn, prices: list[dict], *, checkpoint: bool = False) -> list[MeteredCall]:
+    """The priced calls of a finished turn (no I/O). `checkpoint`: of a turn still running,
+    its in-flight call's text so far counted offline (agents.recovery's lease checkpoints)."""
     from agents.models import Run
 
     run = turn.run
@@ -62,7 +63,7 @@ def metered_calls(turn, prices: list[dict]) -> list[MeteredCall]:
         out.append(_metered(call.model, usage.prompt_tokens, cached, usage.completion_tokens,
                             estimated=not usage.reported, price=price_from(prices, call.model, at)))
     in_flight = run.partial_output[len(run.output):]
-    if turn.status == Run.Status.CANCELLED and not run.finished and run.error is None and in_flight:
+    if (checkpoint or turn.status == Run.Status.CANCELLED) and not run.finished and run.error is None and in_flight:
         model = run.model_in_flight or turn.agent.model
         prompt, completion = _estimate(run, in_flight)
         out.append(_metered(model, prompt, 0, completion, estimated=True, price=price_from(prices, model, at)))

@@ -46,6 +46,13 @@ def pytest_configure(config):
         _fake_now_module().start()
     except ValueError as error:
         raise pytest.UsageError(str(error)) from None
+    # No background work in the test process or the servers it starts (the beat schedule, the
+    # start-up sweep of interrupted runs): tests that need it turn it on for their server.
+    from django.conf import settings
+
+    for name in ("INPROCESS_BEAT", "RUN_SWEEP_ON_START"):
+        os.environ.setdefault(name, "0")
+        setattr(settings, name, os.environ[name] not in ("0", "false", "False", ""))
 
 
 def pytest_report_header(config):

@@ -19,6 +19,7 @@ from django.db import connection
 from django.utils import timezone
 
 from agentplatform.errors import PlatformError
+from agents.models import Run
 from billing.budgets import (
     budget_create,
     budget_release,
@@ -225,8 +226,12 @@ async def test_it_releases_the_reservation_when_a_later_stage_refuses(priced_age
     response = await Api(key).post(CHAT.format("echo"), {"message": LONG_MESSAGE})
 
     assert_error(response, 403, "refused_later")
-    spend = await orm(spend_of, budget.id)
-    assert (spend.reserved_usd, spend.spent_usd) == (Decimal("0"), Decimal("0"))
+    # Reservations are made after every stage's `before` (in the run's start): a refusal there
+    # reserves nothing at all, and records no run.
+    spends = await orm(lambda: list(BudgetSpend.objects.filter(budget_id=budget.id)
+                                    .values_list("reserved_usd", "spent_usd")))
+    assert all(row == (Decimal("0"), Decimal("0")) for row in spends)
+    assert await orm(lambda: Run.objects.count()) == 0
     assert fake_upstream.stats()["requests"] == 0
 
 
