@@ -129,16 +129,21 @@ async def test_a_streaming_run_is_recorded_running_with_its_reservation_before_i
     key = await orm(make_key)
     budget = await orm(budget_create, scope="global", period="total", limit_usd=Decimal("5"))
 
-    body = {"message": "[tokens:60] [gap:25] go", "stream": True}
+    body = {"message": "[tokens:200] [gap:25] go", "stream": True}
     async with AsgiStream(CHAT.format("slow"), body, key) as stream:
-        await stream.until(deltas(25))
+        await stream.until(deltas(10))
         assert stream.status == 200
-        mid = await orm(lambda: list(Run.objects.values("status", "lease_expires_at", "reservation", "metadata")))
+        for _ in range(100):  # the lease thread's first renewal (every 0.2 s here) checkpoints it
+            read_at = timezone.now()
+            mid = await orm(lambda: list(Run.objects.values("status", "lease_expires_at", "reservation", "metadata")))
+            if mid[0]["metadata"]["checkpoint"].get("calls"):
+                break
+            await asyncio.sleep(0.05)
         spend_mid = await orm(spend_of, budget.id)
         rest = await stream.until(ended)
 
     assert len(mid) == 1 and mid[0]["status"] == "running"
-    assert mid[0]["lease_expires_at"] > timezone.now()
+    assert mid[0]["lease_expires_at"] > read_at
     assert Decimal(mid[0]["reservation"]["amount"]) == spend_mid.reserved_usd > 0
     # The lease was renewed with a checkpoint of what was streamed so far (every 0.2 s here).
     checkpoint = mid[0]["metadata"]["checkpoint"]
