@@ -498,6 +498,7 @@ AGENT_PIPELINE_STAGES: list[str] = [
     "governance.audit.AuditStage",
     "governance.keys.KeyUsageStage",
     "billing.metering.MeteringStage",
+    "agents.runs.AsyncRunStage",
 ]
 
 # --- Governance ---------------------------------------------------------------------------

@@ -32,7 +32,7 @@ Celery acknowledges late (settings) and the run's lease is renewed by agents.rec
 worker that dies mid-run is redelivered — by the broker, or by the sweeper, which queues a dead
 `task` run again instead of ending it — and the run completes once.
 
-After a run ends (`run_ended`): a failed or interrupted run becomes a DeadLetter (masked context;
+After a run ends (`run_ended`, in the transaction of its final write: AsyncRunStage): a failed or interrupted run becomes a DeadLetter (masked context;
 the admin's retry queues it again); a succeeded or cancelled one drops its `input` (its messages
 are in the session transcript, masked as the agent says); the callback is enqueued.
 
@@ -283,8 +283,7 @@ async def run_execute(run_id: uuid.UUID) -> str:
     await _run_until_done(turn, run_id)
     if turn.swept:
         return "interrupted: the sweeper ended it first"
-    await run_db(run_ended, run_id)
-    return turn.status
+    return turn.status  # what follows its end was done with it (AsyncRunStage)
 
 
 def _job_for(run_id: uuid.UUID) -> _Job | str:
@@ -354,6 +353,17 @@ def _cancel_requested(run_id: uuid.UUID) -> bool:
 
 
 # --- after a run ended -----------------------------------------------------------------------------
+
+
+class AsyncRunStage:
+    """Pipeline stage (AGENT_PIPELINE_STAGES): an async run's follow-up (run_ended) commits with
+    the run's final write, so a run is never seen failed without its dead letter, nor ended
+    without its callback enqueued. Other transports: nothing."""
+
+    def persist(self, turn: ChatTurn) -> None:
+        if turn.transport == Run.Transport.TASK:
+            run_ended(turn.run_id)
+
 
 
 def run_ended(run_id: uuid.UUID) -> None:

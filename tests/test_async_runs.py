@@ -512,3 +512,107 @@ async def test_runs_whose_enqueue_was_lost_are_enqueued_again(agent, make_key, n
               enqueued_at=timezone.now() - timedelta(seconds=runs_settings.RUN_REQUEUE_AFTER_SECONDS + 1))
     assert await orm(runs_requeue_lost) == 1
     assert (await poll(api, run["id"]))["status"] == "succeeded"
+
+
+# --- real Celery workers (production lane) --------------------------------------------------------
+
+
+@pytest.fixture
+def celery_workers(tmp_path, runs_settings, fake_upstream):
+    """start() a `celery worker` subprocess consuming the queue this process publishes async runs
+    to, against the test database and the fake upstream; yields start. Workers are stopped (or
+    were killed) afterwards and the queue is purged."""
+    from test_celery_worker import PLATFORM_VARS, _broker_url, _redis_or_skip, _worker_database_url
+
+    if not (celery_app.conf.broker_url or "").startswith("redis"):
+        pytest.skip("real workers need this process to publish async runs to Redis: set REDIS_URL")
+    broker = _broker_url()
+    redis_client = _redis_or_skip(broker)
+    celery_app.conf.task_always_eager = False
+    queue_name = celery_app.conf.task_default_queue
+    celery_app.control.purge()
+    env = {k: v for k, v in os.environ.items() if k not in PLATFORM_VARS}
+    env.update(DJANGO_SETTINGS_MODULE="agentplatform.settings", DATABASE_URL=_worker_database_url(),
+               REDIS_URL=broker, CELERY_BROKER_URL=broker, CELERY_TASK_ALWAYS_EAGER="false",
+               CELERY_TASK_DEFAULT_QUEUE=queue_name, OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=fake_upstream.base_url,
+               RUN_CALLBACK_SECRET=SECRET, RUN_CALLBACK_RETRY_BACKOFF_SECONDS="0.2",
+               HTTP_FETCH_ALLOW_PRIVATE_NETWORKS="127.0.0.1", RUN_LEASE_SECONDS="3", RUN_CHECKPOINT_SECONDS="1",
+               RUN_CANCEL_POLL_SECONDS="0.2", CELERY_BROKER_VISIBILITY_TIMEOUT="4", RUN_SWEEP_ON_START="0",
+               LOG_LEVEL="INFO", VAR_DIR=str(tmp_path))
+    if not env.get("SECRET_KEY"):
+        env["DEBUG"] = "1"
+    processes: list[subprocess.Popen] = []
+
+    def start(name: str) -> tuple[subprocess.Popen, object]:
+        log_path = tmp_path / f"{name}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "agentplatform", "worker", "--pool", "solo", "--loglevel",
+                 "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat", "-Q", queue_name,
+                 "--hostname", f"{name}-{uuid.uuid4().hex[:8]}@%h"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        processes.append(process)
+        deadline = time.monotonic() + 60
+        while b" ready." not in log_path.read_bytes():
+            assert process.poll() is None, f"the worker exited:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"the worker did not start:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.1)
+        return process, log_path
+
+    try:
+        yield start
+    finally:
+        stop_processes([p for p in processes if p.poll() is None])
+        celery_app.control.purge()
+        redis_client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+async def test_a_real_worker_executes_an_async_run_and_delivers_its_callback(
+        agent, make_key, celery_workers, hooks, fake_upstream):
+    hook = hooks(200)
+    _, log_path = await asyncio.to_thread(celery_workers, "worker")
+    api = Api(await orm(make_key))
+
+    run = (await queue(api, {"message": "From a worker [tokens:3]", "callback_url": hook.url})).json()
+    assert run["status"] == "queued"
+    done = await poll(api, run["id"], timeout=45)
+
+    assert done["status"] == "succeeded", (done, log_path.read_text()[-3000:])
+    assert done["output"] == "w1 w2 w3" and done["attempts"] == 1 and Decimal(done["cost_usd"]) > 0
+    await orm(wait_until, lambda: Run.objects.filter(pk=run["id"], callback_status="sent").exists(), 30,
+              what=f"the callback; worker log:\n{log_path.read_text()[-3000:]}")
+    [received] = hook.received
+    assert signed(received) and json.loads(received["body"])["output"] == "w1 w2 w3"
+    log = log_path.read_text()
+    assert "agents.tasks.execute_run_task" in log and "agents.tasks.deliver_run_callback_task" in log
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+async def test_a_run_whose_worker_is_killed_is_redelivered_and_completes_once(
+        agent, make_key, celery_workers, fake_upstream):
+    first, first_log = await asyncio.to_thread(celery_workers, "doomed")
+    api = Api(await orm(make_key))
+    run = (await queue(api, {"message": "Outlive me [latency:4000] [tokens:2]"})).json()
+    await poll(api, run["id"], until=("running",), timeout=30)
+    await asyncio.sleep(1.5)  # its lease renewed at least once, the model call in flight
+
+    first.send_signal(signal.SIGKILL)  # no warm shutdown: the task is neither acknowledged nor given back
+    await asyncio.to_thread(first.wait, 10)
+    assert (await api.get(f"/api/v1/runs/{run['id']}")).json()["status"] == "running"
+    # The broker hands the unacknowledged task to the next worker once its visibility timeout (4 s)
+    # is over; that worker finds the run's lease (3 s) run out and takes the run over.
+    await asyncio.sleep(4.5)
+    _, second_log = await asyncio.to_thread(celery_workers, "heir")
+    done = await poll(api, run["id"], timeout=60)
+
+    assert done["status"] == "succeeded", (done, second_log.read_text()[-3000:])
+    assert done["output"] == "w1 w2" and done["attempts"] == 2
+    assert fake_upstream.stats()["requests"] == 2  # the call the dead worker made, and the one that answered
+    records = await orm(lambda: list(UsageRecord.objects.filter(run_id=run["id"]).order_by("id")))
+    assert [(r.estimated, r.starts_run) for r in records] == [(True, True), (False, False)]
+    assert await orm(AuditLog.objects.filter(action="run.requeued", target=f"run:{run['id']}").count) == 1
+    assert await orm(AuditLog.objects.filter(action="request.served", details__run_id=run["id"]).count) == 1
+    assert not await orm(DeadLetter.objects.exists)
