@@ -382,7 +382,8 @@ RUN_REQUEUE_AFTER_SECONDS = env.int("RUN_REQUEUE_AFTER_SECONDS", default=600)
 # The callback POSTed when an async run ends: signed like budget alerts (X-AgentPlatform-Signature)
 # with this secret (default: BUDGET_ALERT_WEBHOOK_SECRET's), tried 1 + RUN_CALLBACK_MAX_RETRIES
 # times with exponential backoff (30 s, 60 s, ... at most an hour), then a dead letter.
-RUN_CALLBACK_SECRET = env.str("RUN_CALLBACK_SECRET", default="") or env.str("BUDGET_ALERT_WEBHOOK_SECRET", default="")
+RUN_CALLBACK_SECRET = (env.str("RUN_CALLBACK_SECRET", default="")
+                       or env.str("BUDGET_ALERT_WEBHOOK_SECRET", default=""))
 RUN_CALLBACK_TIMEOUT = env.float("RUN_CALLBACK_TIMEOUT", default=10.0)
 RUN_CALLBACK_MAX_RETRIES = env.int("RUN_CALLBACK_MAX_RETRIES", default=5)
 RUN_CALLBACK_RETRY_BACKOFF_SECONDS = env.float("RUN_CALLBACK_RETRY_BACKOFF_SECONDS", default=30.0)

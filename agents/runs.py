@@ -26,15 +26,17 @@ Executing (`run_execute`, what `agents.tasks.execute_run_task` runs; at least on
     (and refuses, `run_not_queued`, if another delivery or a cancel got there first); a refusal by
     a stage (rate limit, budget, guard, flag) ends the run `failed` with that error's code: no
     automatic retry, the pipeline's own retries and fallbacks have had their turn within the run;
-  * while it runs, the row is read every RUN_CANCEL_POLL_SECONDS: `cancel_requested` cancels the
-    turn (ChatTurn stores it cancelled, what was produced metered).
+  * while it runs, the row is read every RUN_CANCEL_POLL_SECONDS (one primary-key query a second
+    per running async run by default): `cancel_requested` cancels the turn (ChatTurn stores it
+    cancelled, what was produced metered), within that interval.
 Celery acknowledges late (settings) and the run's lease is renewed by agents.recovery, so a
 worker that dies mid-run is redelivered — by the broker, or by the sweeper, which queues a dead
 `task` run again instead of ending it — and the run completes once.
 
-After a run ends (`run_ended`, in the transaction of its final write: AsyncRunStage): a failed or interrupted run becomes a DeadLetter (masked context;
-the admin's retry queues it again); a succeeded or cancelled one drops its `input` (its messages
-are in the session transcript, masked as the agent says); the callback is enqueued.
+After a run ends (`run_ended`, in the transaction of its final write: AsyncRunStage): a failed or
+interrupted run becomes a DeadLetter (masked context; the admin's retry queues it again); a
+succeeded or cancelled one drops its `input` (its messages are in the session transcript, masked
+as the agent says); the callback is enqueued once that commits.
 
 Callbacks: `POST <callback_url>` with the run as `GET /api/v1/runs/{id}` shows it, signed as budget
 alerts are (agentplatform.webhooks, RUN_CALLBACK_SECRET), through the outbound guard
@@ -104,9 +106,13 @@ KEY_INACTIVE = "api_key_inactive"
 async def callback_url_check(url: str) -> None:
     """400 for a callback URL whose host is not at a public address (the outbound guard's rule)."""
     try:
-        await public_url_check(httpx.URL(url))
+        async with asyncio.timeout(settings.RUN_CALLBACK_TIMEOUT):
+            await public_url_check(httpx.URL(url))
     except SkillError as exc:
         raise InvalidRequest(f"callback_url: {exc}.", code="invalid_field", param="callback_url") from None
+    except TimeoutError:
+        raise InvalidRequest("callback_url: its host could not be resolved in time.", code="invalid_field",
+                             param="callback_url") from None
 
 
 def async_run_create(*, principal: Principal, agent: AgentSpec, data: ChatInput, request_id: str = "",

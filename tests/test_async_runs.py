@@ -543,11 +543,13 @@ def celery_workers(tmp_path, runs_settings, fake_upstream):
         env["DEBUG"] = "1"
     processes: list[subprocess.Popen] = []
 
-    def start(name: str) -> tuple[subprocess.Popen, object]:
+    def start(name: str, pool: str = "solo") -> tuple[subprocess.Popen, object]:
         log_path = tmp_path / f"{name}.log"
+        concurrency = ["--concurrency", "2"] if pool == "prefork" else []
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "agentplatform", "worker", "--pool", "solo", "--loglevel",
+                [sys.executable, "-m", "celery", "-A", "agentplatform", "worker", "--pool", pool, *concurrency,
+                 "--loglevel",
                  "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat", "-Q", queue_name,
                  "--hostname", f"{name}-{uuid.uuid4().hex[:8]}@%h"],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -572,15 +574,18 @@ def celery_workers(tmp_path, runs_settings, fake_upstream):
 async def test_a_real_worker_executes_an_async_run_and_delivers_its_callback(
         agent, make_key, celery_workers, hooks, fake_upstream):
     hook = hooks(200)
-    _, log_path = await asyncio.to_thread(celery_workers, "worker")
+    # The pool `celery worker` uses by default (docker-compose's): tasks run in forked children.
+    _, log_path = await asyncio.to_thread(celery_workers, "worker", "prefork")
     api = Api(await orm(make_key))
 
     run = (await queue(api, {"message": "From a worker [tokens:3]", "callback_url": hook.url})).json()
+    other = (await queue(api, {"message": "And another [tokens:1]"})).json()
     assert run["status"] == "queued"
     done = await poll(api, run["id"], timeout=45)
 
     assert done["status"] == "succeeded", (done, log_path.read_text()[-3000:])
     assert done["output"] == "w1 w2 w3" and done["attempts"] == 1 and Decimal(done["cost_usd"]) > 0
+    assert (await poll(api, other["id"], timeout=30))["output"] == "w1"
     await orm(wait_until, lambda: Run.objects.filter(pk=run["id"], callback_status="sent").exists(), 30,
               what=f"the callback; worker log:\n{log_path.read_text()[-3000:]}")
     [received] = hook.received

@@ -2,9 +2,9 @@
 compatibility endpoint) through the official SDK's AsyncOpenAI client.
 
 One client, hence one connection pool, per provider per process and event loop (a pool cannot
-move between loops; a server has one loop, plus agentplatform.background's for async runs). Non-streaming calls go through the
-SDK's raw `client.post` and read the JSON body instead of building its pydantic objects: same
-request, same errors, less CPU on the hot path. Streaming calls take the same door with
+move between loops; a server has one loop, plus agentplatform.background's for async runs).
+Non-streaming calls go through the SDK's raw `client.post` and read the JSON body instead of
+building its pydantic objects: same request, same errors, less CPU on the hot path. Streaming calls take the same door with
 stream=True and parse the server-sent events themselves (SSEDecoder + json.loads per event).
 """
 
