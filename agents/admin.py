@@ -23,7 +23,7 @@ from django.http import HttpRequest
 from django.template.defaultfilters import pluralize
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 from django.utils.text import Truncator
 
@@ -157,15 +157,16 @@ class AgentSkillInline(admin.TabularInline):
 
 @admin.register(Agent)
 class AgentAdmin(AuditedAdminMixin, PrettyJSONMixin, admin.ModelAdmin):
-    list_display = ["name", "model", "enabled", "skill_names", "updated_at"]
+    list_display = ["name", "model", "enabled", "skill_names", "circuit_summary", "updated_at"]
     list_filter = ["enabled", "model"]
     search_fields = ["name", "description", "system_prompt", "model"]
-    readonly_fields = ["documents", "recent_runs", "created_at", "updated_at"]
+    readonly_fields = ["circuits", "documents", "recent_runs", "created_at", "updated_at"]
     inlines = [AgentSkillInline]
     fieldsets = [
         ("Identity", {"fields": ["name", "description", "enabled"]}),
         ("Model", {
-            "fields": ["model", "temperature", "max_tokens", "timeout_seconds", "max_retries", "fallback_models"],
+            "fields": ["model", "temperature", "max_tokens", "timeout_seconds", "max_retries", "fallback_models",
+                       "circuits"],
             "description": 'fallback_models: a JSON list such as ["openai/gpt-4o-mini"], tried in order when '
                            "the primary model fails with a retryable error before answering.",
         }),
@@ -182,6 +183,47 @@ class AgentAdmin(AuditedAdminMixin, PrettyJSONMixin, admin.ModelAdmin):
     @admin.display(description="Skills")
     def skill_names(self, obj: Agent) -> str:
         return ", ".join(link.skill.name for link in obj.agent_skills.all()) or "—"
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None):
+        self._circuit_cache = None  # read once per page, for every agent on it
+        return super().changelist_view(request, extra_context)
+
+    def _circuit_states(self, models: list[str]) -> dict:
+        from asgiref.sync import async_to_sync
+
+        from agentplatform.circuit import circuit_states
+
+        return dict(zip(models, async_to_sync(circuit_states)(models)))
+
+    @admin.display(description="Circuits")
+    def circuit_summary(self, obj: Agent) -> str:
+        """The worst circuit state among the agent's models (all agents on the page in one read)."""
+        cache = getattr(self, "_circuit_cache", None)
+        models = [obj.model, *(obj.fallback_models or [])]
+        if cache is None or any(m not in cache for m in models):
+            names = {m for a in Agent.objects.only("model", "fallback_models") for m in [a.model, *(a.fallback_models or [])]}
+            cache = self._circuit_cache = self._circuit_states(sorted(names | set(models)))
+        states = [cache[m].state for m in models]
+        worst = next((s for s in ("open", "half_open") if s in states), "closed")
+        if worst == "closed":
+            return "closed"
+        failing = ", ".join(m for m in models if cache[m].state == worst)
+        return format_html('<strong style="color: var(--error-fg, #ba2121)">{}</strong>: {}', worst, failing)
+
+    @admin.display(description="Circuit breakers")
+    def circuits(self, obj: Agent) -> str:
+        """Each model's circuit (agentplatform.circuit), as GET /api/v1/agents/{name}/health shows it."""
+        if obj.pk is None:
+            return "—"
+        models = [obj.model, *(obj.fallback_models or [])]
+        states = self._circuit_states(models)
+        rows = []
+        for model in models:
+            info = states[model].as_dict()
+            detail = ", ".join(f"{k}: {v}" for k, v in info.items() if k != "state" and v not in (None, 0, ""))
+            rows.append((model, info["state"], f" ({detail})" if detail else ""))
+        return format_html("<ul style='margin:0;padding-left:1em'>{}</ul>",
+                           format_html_join("", "<li><code>{}</code>: <strong>{}</strong>{}</li>", rows))
 
     @admin.display(description="Documents")
     def documents(self, obj: Agent) -> str:

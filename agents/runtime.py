@@ -108,6 +108,10 @@ class AgentRun:
         model_index = 0
         retries_allowed = max_retries(agent)
         deadline = self.deadline = Deadline(float(agent.timeout_seconds))
+        # A run's failures of one model count once against its circuit: its retries are the same
+        # request failing again, not more evidence that the model is down (otherwise one request
+        # with a fault of its own, retried, trips the circuit for every caller).
+        counted: set[str] = set()
         for step in range(self.max_steps):
             last_step = step == self.max_steps - 1
             completion: Completion | None = None
@@ -153,7 +157,9 @@ class AgentRun:
                                                      error_code=failure.code, latency_ms=latency_ms))
                         self.usage.add(usage)
                         if isinstance(failure, RunTimeout) or counts_against_circuit(failure):
-                            opened = await circuit_failure(model)
+                            if model not in counted or permit.probe:
+                                counted.add(model)
+                                opened = await circuit_failure(model)
                         elif getattr(failure, "upstream_status", None) is not None:
                             # The model answered (a 4xx the request caused): it is up.
                             await circuit_success(model, permit)

@@ -263,6 +263,8 @@ async def with_heartbeats(source: AsyncIterator[bytes], interval: float) -> Asyn
                 await pending
             except (asyncio.CancelledError, StopAsyncIteration, Exception):
                 pass
+        elif pending is not None and not pending.cancelled():
+            pending.exception()  # read, so that asyncio does not log it as never retrieved
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -577,8 +577,16 @@ class BudgetStage:
 
     @staticmethod
     async def _settle_alone(turn, note: dict, actual: Decimal | None) -> None:
+        from agents.models import Run
+
+        def settle() -> None:
+            with transaction.atomic():
+                budget_settle(reservation=note["reservation"], actual_usd=actual)
+                # The run row no longer holds it: a sweeper ending that run settles nothing.
+                Run.objects.filter(pk=turn.run_id, status=Run.Status.RUNNING).update(reservation={})
+
         try:
-            await write_db(lambda: budget_settle(reservation=note["reservation"], actual_usd=actual))
+            await write_db(settle)
             note["settled"] = True
         except DatabaseError:
             logger.exception("Could not settle the budget reservation of run %s", turn.run_id)

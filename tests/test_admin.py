@@ -457,3 +457,25 @@ def test_the_price_list_labels_the_demo_models_price_as_a_demo_price(admin_clien
 
     assert "local/demo" in html
     assert "DEMO PRICE, not a real cost: local/demo runs offline for free." in html
+
+
+@pytest.mark.django_db
+def test_it_shows_each_models_circuit_on_the_agent_pages(admin_client, settings):
+    from asgiref.sync import async_to_sync
+
+    from agentplatform.circuit import circuit_failure
+
+    settings.CIRCUIT_FAILURE_THRESHOLD = 2
+    agent = Agent.objects.create(name="flaky", model="openai/admin-circuit-primary",
+                                 fallback_models=["openai/admin-circuit-fallback"])
+    Agent.objects.create(name="steady", model="local/demo")
+    for _ in range(2):
+        async_to_sync(circuit_failure)("openai/admin-circuit-primary")
+
+    listing = admin_client.get(reverse("admin:agents_agent_changelist")).content.decode()
+    page = admin_client.get(change_url(agent)).content.decode()
+
+    assert re.search(r"<strong[^>]*>open</strong>: openai/admin-circuit-primary", listing)
+    assert listing.count(">closed<") >= 1  # the steady agent
+    assert re.search(r"<code>openai/admin-circuit-primary</code>: <strong>open</strong> \(failures: 2, retry_at: ", page)
+    assert "<code>openai/admin-circuit-fallback</code>: <strong>closed</strong>" in page

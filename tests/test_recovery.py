@@ -129,16 +129,21 @@ async def test_a_streaming_run_is_recorded_running_with_its_reservation_before_i
     key = await orm(make_key)
     budget = await orm(budget_create, scope="global", period="total", limit_usd=Decimal("5"))
 
-    body = {"message": "[tokens:60] [gap:25] go", "stream": True}
+    body = {"message": "[tokens:200] [gap:25] go", "stream": True}
     async with AsgiStream(CHAT.format("slow"), body, key) as stream:
-        await stream.until(deltas(25))
+        await stream.until(deltas(10))
         assert stream.status == 200
-        mid = await orm(lambda: list(Run.objects.values("status", "lease_expires_at", "reservation", "metadata")))
+        for _ in range(100):  # the lease thread's first renewal (every 0.2 s here) checkpoints it
+            read_at = timezone.now()
+            mid = await orm(lambda: list(Run.objects.values("status", "lease_expires_at", "reservation", "metadata")))
+            if mid[0]["metadata"]["checkpoint"].get("calls"):
+                break
+            await asyncio.sleep(0.05)
         spend_mid = await orm(spend_of, budget.id)
         rest = await stream.until(ended)
 
     assert len(mid) == 1 and mid[0]["status"] == "running"
-    assert mid[0]["lease_expires_at"] > timezone.now()
+    assert mid[0]["lease_expires_at"] > read_at
     assert Decimal(mid[0]["reservation"]["amount"]) == spend_mid.reserved_usd > 0
     # The lease was renewed with a checkpoint of what was streamed so far (every 0.2 s here).
     checkpoint = mid[0]["metadata"]["checkpoint"]
@@ -419,3 +424,29 @@ def test_kill_9_mid_stream_leaves_no_run_unrecorded_and_no_budget_held(tmp_path,
     print(f"\nkill -9 with {streams} streams in flight: client received {sum(received)} deltas; "
           f"runs {after['runs'].count('interrupted')}/{streams} interrupted; metered completion tokens "
           f"{sum(metered)}; spent {after['spent']} USD; reserved left {after['reserved']} USD")
+
+
+async def test_a_run_that_could_not_be_stored_is_swept_without_settling_twice(
+        make_agent, make_key, openai_settings, fake_upstream, settings):
+    """Its final write failed: its worker released the reservation itself (and took it off the
+    run row), the row stays running; the sweeper ends it later and settles nothing again."""
+    settings.AGENT_PIPELINE_STAGES = [*settings.AGENT_PIPELINE_STAGES, "test_audit.BrokenPersistStage"]
+    await orm(set_price)
+    await orm(make_agent, name="slow", model=MODEL, max_tokens=500)
+    key = await orm(make_key)
+    budget = await orm(budget_create, scope="global", period="total", limit_usd=Decimal("5"))
+
+    response = await Api(key).post(CHAT.format("slow"), {"message": "hello"})
+
+    assert response.status_code == 500 and response.json()["error"]["code"] == "run_not_stored"
+    run = await orm(lambda: Run.objects.get())
+    assert (run.status, run.reservation) == ("running", {})
+    settled = await orm(spend_of, budget.id)
+    assert settled.reserved_usd == 0 and settled.spent_usd > 0
+    await orm(lambda: Run.objects.update(lease_expires_at=timezone.now() - timedelta(seconds=1)))
+
+    assert await orm(sweep_interrupted_runs) == 1
+
+    after = await orm(spend_of, budget.id)
+    assert (after.reserved_usd, after.spent_usd) == (0, settled.spent_usd)
+    assert (await orm(lambda: Run.objects.get())).status == "interrupted"

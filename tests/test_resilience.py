@@ -316,6 +316,27 @@ async def test_a_request_the_upstream_refused_does_not_count_against_the_circuit
     assert circuit == {"state": "closed", "failures": 0, "retry_at": None}
 
 
+async def test_a_requests_retries_count_once_against_the_circuit(make_agent, key, openai_settings, fake_upstream):
+    """One request failing on its own (retried twice) is one failure, not three: it must not
+    open the model's circuit for every other caller; a second failing request does."""
+    openai_settings.CIRCUIT_FAILURE_THRESHOLD = 2
+    openai_settings.LLM_MAX_RETRIES = 2
+    openai_settings.LLM_RETRY_BASE_SECONDS = 0.01
+    await orm(make_agent, name="gpt", model="openai/gpt-4o-mini")
+
+    assert_error(await Api(key).post(CHAT.format("gpt"), {"message": "one [fault:500]"}), 502)
+
+    assert fake_upstream.stats()["requests"] == 3
+    circuit = (await agent_health(key, "gpt")).json()["models"][0]["circuit"]
+    assert (circuit["state"], circuit["failures"]) == ("closed", 1)
+
+    assert_error(await Api(key).post(CHAT.format("gpt"), {"message": "two [fault:500]"}), 502)
+
+    assert fake_upstream.stats()["requests"] == 4  # its first failure opened the circuit: no retry
+    circuit = (await agent_health(key, "gpt")).json()["models"][0]["circuit"]
+    assert (circuit["state"], circuit["failures"]) == ("open", 2)
+
+
 async def test_circuits_live_in_the_process_when_redis_is_unreachable(make_agent, key, openai_settings,
                                                                       fake_upstream):
     openai_settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there

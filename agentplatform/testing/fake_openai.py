@@ -482,6 +482,10 @@ class FakeOpenAI:
             # normally keeps Python 3.11's client_connected_cb callback, which calls
             # task.exception() on cancelled tasks, from logging a bogus error.
             pass
+        except RuntimeError as exc:
+            if writer.is_closing():
+                return  # uvloop: a write to a transport the client closed mid-stream
+            logger.exception("fake-openai: request failed: %s", exc)
         except Exception:  # a bug here must not kill the whole server; say it loudly
             logger.exception("fake-openai: request failed")
             try:
