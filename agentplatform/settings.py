@@ -252,6 +252,15 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Redis (and SQS) brokers hand a task that a worker took but never acknowledged (the worker was
+# killed) to another worker this many seconds after it was delivered: async runs are redelivered
+# this way (agents.runs; the sweeper queues them again sooner, once their lease runs out). Keep it
+# above the longest run: a task still running then is delivered twice (the second finds it
+# running and leaves it alone).
+CELERY_BROKER_VISIBILITY_TIMEOUT = env.int("CELERY_BROKER_VISIBILITY_TIMEOUT", default=3600)
+if CELERY_BROKER_VISIBILITY_TIMEOUT <= 0:
+    raise ImproperlyConfigured("CELERY_BROKER_VISIBILITY_TIMEOUT must be > 0.")
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_BROKER_VISIBILITY_TIMEOUT}
 CELERY_BEAT_SCHEDULE: dict = {
     "purge-idempotency-records": {"task": "governance.tasks.idempotency_records_purge_task", "schedule": 3600.0},
     # Budget alerts a settlement did not fire (limits lowered, thresholds changed, lost enqueues).
@@ -265,6 +274,8 @@ CELERY_BEAT_SCHEDULE: dict = {
     # Runs whose worker died (lease ran out): ended as interrupted, reservations settled.
     "sweep-interrupted-runs": {"task": "agents.tasks.sweep_interrupted_runs_task",
                                "schedule": float(env.int("RUN_SWEEP_SECONDS", default=30))},
+    # Async runs and callbacks whose enqueue was lost (broker down, process gone): enqueued again.
+    "requeue-lost-runs": {"task": "agents.tasks.requeue_lost_runs_task", "schedule": 60.0},
 }
 # Run the beat schedule inside each ASGI process (agentplatform.scheduler): the embedded default,
 # where no Celery beat runs. Off by default once a broker is configured (run `celery beat`).
@@ -363,6 +374,26 @@ if RUN_CHECKPOINT_SECONDS <= 0 or RUN_LEASE_SECONDS < 3 * RUN_CHECKPOINT_SECONDS
                                "(a lease survives two missed renewals).")
 if env.int("RUN_SWEEP_SECONDS", default=30) <= 0:
     raise ImproperlyConfigured("RUN_SWEEP_SECONDS must be > 0.")
+# Async runs (agents.runs): a run whose worker died is started again up to this many times in
+# all (then it ends interrupted, a dead letter); a running one reads its row this often for a
+# cancel request; a queued run no worker started (or a callback never tried) this long after its
+# enqueue is enqueued again.
+RUN_MAX_ATTEMPTS = env.int("RUN_MAX_ATTEMPTS", default=3)
+RUN_CANCEL_POLL_SECONDS = env.float("RUN_CANCEL_POLL_SECONDS", default=1.0)
+RUN_REQUEUE_AFTER_SECONDS = env.int("RUN_REQUEUE_AFTER_SECONDS", default=600)
+# The callback POSTed when an async run ends: signed like budget alerts (X-AgentPlatform-Signature)
+# with this secret (default: BUDGET_ALERT_WEBHOOK_SECRET's), tried 1 + RUN_CALLBACK_MAX_RETRIES
+# times with exponential backoff (30 s, 60 s, ... at most an hour), then a dead letter.
+RUN_CALLBACK_SECRET = (env.str("RUN_CALLBACK_SECRET", default="")
+                       or env.str("BUDGET_ALERT_WEBHOOK_SECRET", default=""))
+RUN_CALLBACK_TIMEOUT = env.float("RUN_CALLBACK_TIMEOUT", default=10.0)
+RUN_CALLBACK_MAX_RETRIES = env.int("RUN_CALLBACK_MAX_RETRIES", default=5)
+RUN_CALLBACK_RETRY_BACKOFF_SECONDS = env.float("RUN_CALLBACK_RETRY_BACKOFF_SECONDS", default=30.0)
+if RUN_MAX_ATTEMPTS < 1 or RUN_CANCEL_POLL_SECONDS <= 0 or RUN_REQUEUE_AFTER_SECONDS <= 0 \
+        or RUN_CALLBACK_TIMEOUT <= 0 or RUN_CALLBACK_MAX_RETRIES < 0 or RUN_CALLBACK_RETRY_BACKOFF_SECONDS < 0:
+    raise ImproperlyConfigured("RUN_MAX_ATTEMPTS must be >= 1, RUN_CANCEL_POLL_SECONDS, RUN_REQUEUE_AFTER_SECONDS "
+                               "and RUN_CALLBACK_TIMEOUT > 0, RUN_CALLBACK_MAX_RETRIES and "
+                               "RUN_CALLBACK_RETRY_BACKOFF_SECONDS >= 0.")
 # WebSocket chat (agents.consumers). Larger client frames get an error frame `frame_too_large`
 # (daphne itself closes with 1009 above its --websocket-max-message-size, 1 MiB by default).
 WS_MAX_FRAME_BYTES = env.int("WS_MAX_FRAME_BYTES", default=524_288)
@@ -509,6 +540,7 @@ AGENT_PIPELINE_STAGES: list[str] = [
     "governance.audit.AuditStage",
     "governance.keys.KeyUsageStage",
     "billing.metering.MeteringStage",
+    "agents.runs.AsyncRunStage",
 ]
 
 # --- Governance ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.authentication import SessionAuthentication
 
-from agents import console, openai_views, views
+from agents import console, openai_views, views, views_runs
 from billing.dashboard import dashboard_view
 from governance.authentication import ApiKeyAuthentication
 
@@ -26,6 +26,10 @@ urlpatterns = [
     path("api/v1/agents/<str:name>", views.AgentDetailView.as_view(), name="agent-detail"),
     path("api/v1/agents/<str:name>/health", views.AgentHealthView.as_view(), name="agent-health"),
     path("api/v1/agents/<str:name>/chat", views.ChatView.as_view(), name="agent-chat"),
+    path("api/v1/agents/<str:name>/runs", views_runs.RunCreateView.as_view(), name="agent-runs"),
+    path("api/v1/runs", views_runs.RunListView.as_view(), name="run-list"),
+    path("api/v1/runs/<uuid:run_id>", views_runs.RunDetailView.as_view(), name="run-detail"),
+    path("api/v1/runs/<uuid:run_id>/cancel", views_runs.RunCancelView.as_view(), name="run-cancel"),
     path("api/v1/sessions", views.SessionListView.as_view(), name="session-list"),
     path("api/v1/sessions/<uuid:session_id>", views.SessionDetailView.as_view(), name="session-detail"),
     path("api/v1/", include("governance.urls")),

@@ -28,10 +28,12 @@ from django.utils.http import urlencode
 from django.utils.text import Truncator
 
 from agentplatform.admin_mixins import ReadOnlyAdminMixin
-from governance.audit import AuditedAdminMixin
+from governance.audit import AuditedAdminMixin, user_actor
+from governance.masking import mask_data
 from governance.models import ApiKey
 
-from .models import Agent, AgentSkill, Document, Message, Run, Session, Skill
+from .models import Agent, AgentSkill, DeadLetter, Document, Message, Run, Session, Skill
+from .runs import dead_letters_retry
 
 # How many of a session's messages its change page shows inline (the latest ones); the
 # rest are one click away in the filtered Message changelist.
@@ -388,8 +390,11 @@ class RunAdmin(ReadOnlyHistoryMixin, admin.ModelAdmin):
         ("Timing", {"fields": ["started_at", "finished_at"]}),
         ("Error", {"fields": ["error_code", "error_message"]}),
         ("Metadata", {"fields": ["metadata_display", "run_messages"]}),
+        ("Async run", {"fields": ["queued_at", "attempts", "cancel_requested", "input_display", "callback_status",
+                                  "callback_attempts", "callback_error", "callback_delivered_at"],
+                       "classes": ["collapse"]}),
     ]
-    readonly_fields = ["id", "metadata_display", "run_messages"]
+    readonly_fields = ["id", "metadata_display", "run_messages", "input_display"]
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
         # The admin's default (OR of LIKEs, through a join for the key) scans the whole table;
@@ -416,6 +421,67 @@ class RunAdmin(ReadOnlyHistoryMixin, admin.ModelAdmin):
     @admin.display(description="Messages")
     def run_messages(self, obj: Run) -> str:
         return changelist_link(Message, "Messages of this run", run__id__exact=obj.pk)
+
+    @admin.display(description="Input (masked)")
+    def input_display(self, obj: Run) -> str:
+        # The request an async run executes (kept until it succeeds): shown masked, as audit details are.
+        return pretty_json(mask_data(obj.input)) if obj.input else "—"
+
+
+class RetriedFilter(admin.SimpleListFilter):
+    title = "retried"
+    parameter_name = "retried"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("no", "Not yet"), ("yes", "Retried")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() in ("yes", "no"):
+            return queryset.filter(retried_at__isnull=self.value() == "no")
+        return queryset
+
+
+@admin.register(DeadLetter)
+class DeadLetterAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    """Async work that failed for good: failed or interrupted runs, callbacks out of retries, with
+    their masked context. "Retry" queues the run (or sends the callback) again."""
+
+    list_display = ["id", "task", "run_link", "error_code", "short_error", "attempts", "created_at", "retried_at"]
+    list_filter = ["task", RetriedFilter, "error_code"]
+    list_select_related = ["run", "run__agent"]
+    search_fields = ["=run__id", "error_code"]
+    search_help_text = "An exact run id, or an error code."
+    date_hierarchy = "created_at"
+    fields = ["run_link", "task", "error_code", "error_message", "attempts", "context_display", "created_at",
+              "retried_at", "retried_by"]
+    readonly_fields = fields
+    actions = ["retry"]
+    show_full_result_count = False
+
+    @admin.display(description="Run", ordering="run")
+    def run_link(self, obj: DeadLetter) -> str:
+        url = reverse("admin:agents_run_change", args=[obj.run_id])
+        return format_html('<a href="{}">{} ({})</a>', url, obj.run_id.hex[:8], obj.run.agent.name)
+
+    @admin.display(description="Error")
+    def short_error(self, obj: DeadLetter) -> str:
+        return Truncator(obj.error_message).chars(80)
+
+    @admin.display(description="Context (masked)")
+    def context_display(self, obj: DeadLetter) -> str:
+        return pretty_json(obj.context)
+
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("agents.change_deadletter")
+
+    @admin.action(description="Retry selected dead letters", permissions=["retry"])
+    def retry(self, request: HttpRequest, queryset: QuerySet) -> None:
+        ids = list(queryset.values_list("id", flat=True))
+        count = dead_letters_retry(ids=ids, actor=user_actor(request.user))
+        skipped = len(ids) - count
+        self.message_user(request, f"{count} dead letter{pluralize(count)} queued again"
+                                   + (f"; {skipped} retried already, left alone." if skipped else "."),
+                          messages.SUCCESS if count else messages.WARNING)
 
 
 # --- Documents -------------------------------------------------------------------------------

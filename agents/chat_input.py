@@ -1,10 +1,11 @@
 """The chat input: the one place that says what a chat turn accepts, on every transport.
 
-REST (`POST /api/v1/agents/{name}/chat`, JSON or SSE), the OpenAI-compatible endpoint
-(`POST /v1/chat/completions`) and WebSocket `message` frames differ only in their envelope; each
-turns its body into a ChatInput here and nowhere else:
+REST (`POST /api/v1/agents/{name}/chat`, JSON or SSE), async runs (`POST
+/api/v1/agents/{name}/runs`: REST's body without `stream`, plus `callback_url`), the
+OpenAI-compatible endpoint (`POST /v1/chat/completions`) and WebSocket `message` frames differ
+only in their envelope; each turns its body into a ChatInput here and nowhere else:
 
-    data = rest_chat_input(body)      # or openai_chat_input(body), websocket_chat_input(frame)
+    data = rest_chat_input(body)      # or async_run_input, openai_chat_input, websocket_chat_input
     ChatTurn(..., input_messages=data.messages, metadata=data.metadata, ...)
 
 The body itself comes from agentplatform.jsonparse.loads_strict (NaN/Infinity, numbers that
@@ -33,6 +34,9 @@ from django.conf import settings
 
 from agentplatform.errors import InvalidRequest
 
+from .skills.base import SkillError
+from .skills.outbound import http_url
+
 MAX_METADATA_BYTES = 16_384
 MAX_IDEMPOTENCY_KEY = 255
 MAX_NAME_CHARS = 64
@@ -42,6 +46,8 @@ MAX_USER_CHARS = 256
 _compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 REST_FIELDS = frozenset({"message", "messages", "session_id", "stream", "metadata"})
+ASYNC_RUN_FIELDS = frozenset({"message", "messages", "session_id", "metadata", "callback_url"})
+MAX_CALLBACK_URL_CHARS = 2000  # Run.callback_url's column
 WEBSOCKET_FIELDS = frozenset({"type", "content", "session_id", "idempotency_key", "metadata"})
 OPENAI_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "temperature", "max_tokens",
                            "max_completion_tokens", "user", "metadata"})
@@ -70,6 +76,7 @@ class ChatInput:
     max_tokens: int | None = None
     model: str | None = None
     idempotency_key: str | None = None
+    callback_url: str | None = None
 
 
 def invalid(param: str, message: str, code: str = "invalid_field") -> InvalidRequest:
@@ -203,8 +210,27 @@ def idempotency_key_of(value: Any, param: str) -> str | None:
 def rest_chat_input(body: Any) -> ChatInput:
     """`{message | messages, session_id?, stream?, metadata?}`: new messages for a session, the
     last one from the user."""
+    return _session_turn(body, REST_FIELDS)
+
+
+def async_run_input(body: Any) -> ChatInput:
+    """`{message | messages, session_id?, metadata?, callback_url?}`: REST chat's input, run later.
+    `callback_url` is an absolute http(s) URL without credentials; where it points (public
+    addresses only) is agents.runs' check, which resolves the name."""
+    data = _session_turn(body, ASYNC_RUN_FIELDS)
+    raw = body.get("callback_url")
+    if raw is not None:
+        try:
+            data.callback_url = str(http_url(raw, max_chars=MAX_CALLBACK_URL_CHARS, what="callback_url"))
+        except SkillError as exc:
+            text = str(exc).removeprefix("callback_url ")  # "callback_url: must be ..." reads once
+            raise invalid("callback_url", text[:1].upper() + text[1:] + ".") from None
+    return data
+
+
+def _session_turn(body: Any, allowed: frozenset) -> ChatInput:
     body = _object(body, "JSON body")
-    _no_unknown(body, REST_FIELDS)
+    _no_unknown(body, allowed)
     if ("message" in body) == ("messages" in body):
         raise invalid("message", "Give exactly one of `message` or `messages`.")
     if "message" in body:

@@ -17,11 +17,10 @@ not work here and they are left out of the OpenAPI schema).
 from __future__ import annotations
 
 import uuid
-from decimal import Decimal
 
 from django.contrib import admin, messages
 from django.db import transaction
-from django.db.models import Count, Sum
+from django.db.models import Count
 from django.http import HttpRequest, HttpResponse
 from django.middleware.csrf import get_token
 from django.shortcuts import redirect, render
@@ -43,11 +42,11 @@ from agentplatform.methods import http_methods
 from governance.audit import audit_record, user_actor
 
 from .models import Agent, Message, Run, Session
+from .selectors import run_usage, runs_with_usage, usd_text
 
 # A reopened session shows at most its latest this many messages.
 SESSION_MESSAGES_LIMIT = 500
 FEEDBACK_VALUES = (1, -1, None)
-USD_PLACES = Decimal("0.00000001")
 
 
 # --- the page -------------------------------------------------------------------------------
@@ -135,22 +134,9 @@ def _parse_uuid(value: object, param: str) -> uuid.UUID:
         raise InvalidRequest(f"{param}: not a valid UUID.", code="invalid_field", param=param) from None
 
 
-def _cost(value: Decimal | None) -> str | None:
-    # 8 places, as UsageRecord stores it and as the `done` frame sends it (SQLite's SUM has more).
-    return str(Decimal(value).quantize(USD_PLACES)) if value is not None else None
-
-
 def _run_payload(run: Run) -> dict:
-    # Tokens as billed when the run was metered: a cancelled run stores the tokens its model
-    # reported (none for a call cut short), metering estimates the call in flight (as the `done`
-    # frame of a cancelled turn reports them).
-    if run.metered_calls:
-        prompt, completion = run.metered_prompt_tokens or 0, run.metered_completion_tokens or 0
-    else:
-        prompt, completion = run.prompt_tokens, run.completion_tokens
     return {"id": str(run.id), "status": run.status, "model": run.model, "transport": run.transport,
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
-            "cost_usd": _cost(run.cost_usd), "latency_ms": run.latency_ms,
+            "usage": run_usage(run), "cost_usd": usd_text(run.cost_usd), "latency_ms": run.latency_ms,
             "error": {"code": run.error_code, "message": run.error_message} if run.error_code else None,
             "feedback": run.feedback, "started_at": run.started_at}
 
@@ -197,10 +183,7 @@ class SessionDetailView(ConsoleView):
             raise NotFound("No such session of yours.", code="session_not_found")
         latest = list(session.messages.order_by("-created_at", "-id")[:SESSION_MESSAGES_LIMIT])
         latest.reverse()
-        runs = session.runs.annotate(
-            cost_usd=Sum("usage__cost_usd"), metered_calls=Count("usage"),
-            metered_prompt_tokens=Sum("usage__prompt_tokens"), metered_completion_tokens=Sum("usage__completion_tokens"),
-        ).order_by("started_at")
+        runs = runs_with_usage(session.runs.all()).order_by("started_at")
         return Response({**_session_payload(session), "truncated": session.message_count > len(latest),
                          "messages": [_message_payload(m) for m in latest],
                          "runs": [_run_payload(r) for r in runs]})

@@ -123,7 +123,16 @@ class Session(models.Model):
         return str(self.id)
 
 
+class CallbackStatus(models.TextChoices):
+    NONE = "", "none"
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
 class Run(models.Model):
+    CallbackStatus = CallbackStatus
+
     class Status(models.TextChoices):
         QUEUED = "queued"  # an async run waiting for a Celery worker
         RUNNING = "running"
@@ -178,16 +187,54 @@ class Run(models.Model):
     output = models.TextField(blank=True)
     callback_url = models.URLField(max_length=2000, blank=True)
     cancel_requested = models.BooleanField(default=False)
+    # agents.runs: when the run was queued (async runs only), last handed to the broker (the scan
+    # of lost enqueues), and how many times a worker started it (a dead worker's run runs again).
+    queued_at = models.DateTimeField(null=True, blank=True)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0, help_text="Times a worker started this async run.")
+    callback_status = models.CharField(max_length=16, choices=CallbackStatus.choices, blank=True)
+    callback_attempts = models.PositiveSmallIntegerField(default=0)
+    callback_error = models.TextField(blank=True)
+    callback_delivered_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-started_at"]
         indexes = [models.Index(fields=["agent", "-started_at"], name="run_agent_started"),
                    models.Index(fields=["api_key", "-started_at"], name="run_key_started"),
                    # The sweeper's scan: running runs by lease.
-                   models.Index(fields=["status", "lease_expires_at"], name="run_status_lease")]
+                   models.Index(fields=["status", "lease_expires_at"], name="run_status_lease"),
+                   # The scan of callbacks never tried: the few pending ones, not every run.
+                   models.Index(fields=["finished_at"], name="run_callback_pending",
+                                condition=models.Q(callback_status="pending"))]
 
     def __str__(self) -> str:
         return str(self.id)
+
+
+class DeadLetter(models.Model):
+    """Async work that failed for good (agents.runs): a run that ended failed or interrupted, or a
+    callback out of retries; with its context, masked. The admin's retry action runs it again."""
+
+    class Task(models.TextChoices):
+        RUN = "agents.tasks.execute_run_task", "run"
+        CALLBACK = "agents.tasks.deliver_run_callback_task", "callback"
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="dead_letters")
+    task = models.CharField(max_length=100, choices=Task.choices)
+    # What the task had to work with (the request, the key, the agent), masked like the audit log.
+    context = models.JSONField(default=dict, blank=True)
+    error_code = models.CharField(max_length=64, blank=True)
+    error_message = models.TextField(blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    retried_at = models.DateTimeField(null=True, blank=True)
+    retried_by = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.get_task_display()} {self.run_id}: {self.error_code}"
 
 
 class Message(models.Model):

@@ -51,6 +51,7 @@ from typing import AsyncIterator
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
@@ -65,7 +66,14 @@ from governance.services import split_key
 
 from .models import Message, Run, Session
 from .runtime import AgentRun
-from .selectors import AgentSpec, agent_cache_key, agent_entry_from_db, agent_spec_from_entry, session_history
+from .selectors import (
+    AgentSpec,
+    agent_cache_key,
+    agent_entry_from_db,
+    agent_spec_from_entry,
+    session_continues,
+    session_history,
+)
 
 logger = logging.getLogger("agents.pipeline")
 
@@ -161,6 +169,9 @@ class ChatTurn:
     start_timeout: float = 10.0
     # An async run: `run_id` names its `queued` row, which the start moves to `running`.
     queued: bool = False
+    # An async run started again (its worker died, an admin retried it): an earlier attempt's
+    # usage records already count it as a request, so this attempt's do not (billing.metering).
+    counted_before: bool = False
     # Set in `before` by a stage whose `start` locks rows (see the module doc).
     start_locks: bool = False
     # The open budget reservation, as stored on the run row for the sweeper (set in `start`).
@@ -233,7 +244,7 @@ class ChatTurn:
             }
             if self.queued:
                 if not Run.objects.filter(pk=self.run_id, status=Run.Status.QUEUED,
-                                          cancel_requested=False).update(**fields):
+                                          cancel_requested=False).update(**fields, attempts=F("attempts") + 1):
                     raise RunNotQueued()
             else:
                 Run.objects.create(id=self.run_id, agent_id=self.agent.id, **fields)
@@ -252,10 +263,7 @@ class ChatTurn:
         session = Session.objects.filter(pk=self.session_id).first()
         if session is None:
             return []  # a client-chosen id: created with the run
-        owner_ok = (session.api_key_id == self.principal.key_id if self.principal else session.user_id == self.user_id)
-        if self.principal and self.principal.is_admin:
-            owner_ok = True
-        if session.agent_id != self.agent.id or not owner_ok:
+        if not session_continues(session, agent_id=self.agent.id, principal=self.principal, user_id=self.user_id):
             raise NotFound("No such session for this agent.", code="session_not_found", param="session_id")
         self.session_exists = True
         return session_history(session=session, limit=settings.AGENT_HISTORY_LIMIT)
@@ -358,7 +366,7 @@ class ChatTurn:
                     session, _ = Session.objects.get_or_create(
                         pk=self.session_id,
                         defaults={"agent_id": self.agent.id, "api_key_id": self.principal.key_id if self.principal else None,
-                                  "user_id": self.user_id, "title": _title(self.input_messages, clean),
+                                  "user_id": self.user_id, "title": session_title(self.input_messages, clean),
                                   "metadata": client_metadata, "last_activity_at": now})
             ended = Run.objects.filter(pk=self.run_id, status=Run.Status.RUNNING).update(
                 session=session, lease_expires_at=None, reservation={},
@@ -426,7 +434,7 @@ def _same(text: str) -> str:
     return text
 
 
-def _title(messages: list[dict], clean=_same) -> str:
+def session_title(messages: list[dict], clean=_same) -> str:
     for m in messages:
         if m.get("role") == "user":
             # Masked before it is cut, so a secret split at the cut cannot slip through.

@@ -24,6 +24,11 @@ lock first, then the run row with SKIP LOCKED, so a run being stored right now b
 is alive after all is left to that worker. The worker's own final write updates the row only
 while it is `running`, so a run is never settled twice.
 
+Async runs (transport `task`, agents.runs) are not ended but queued again, with the same
+settlement, audited `run.requeued`, and enqueued: up to RUN_MAX_ATTEMPTS starts in all, then
+`interrupted` (and dead-lettered); one whose caller asked to cancel it ends `cancelled`. A
+redelivered task that finds its run's lease run out sweeps it itself (`sweep_run`).
+
 The sweeper runs when a process starts (agentplatform.asgi, Celery's worker_ready) and
 periodically from the beat schedule (Celery beat in production; agentplatform.scheduler's
 in-process beat on the embedded default).
@@ -176,7 +181,13 @@ def sweep_interrupted_runs(*, now: datetime | None = None, limit: int = 500) -> 
     return swept
 
 
-def _sweep_one(run_id, now: datetime) -> int:
+def sweep_run(run_id, *, now: datetime | None = None, enqueue: bool = True) -> int:
+    """Sweep one run now if its lease ran out (a redelivered async run's task finds its dead
+    attempt); `enqueue=False`: the caller runs it itself once it is queued again."""
+    return _sweep_one(run_id, now or timezone.now(), enqueue=enqueue)
+
+
+def _sweep_one(run_id, now: datetime, *, enqueue: bool = True) -> int:
     from billing.budgets import Reservation, budget_settle
     from billing.models import UsageRecord
     from billing.pricing import call_cost, price_for
@@ -203,7 +214,8 @@ def _sweep_one(run_id, now: datetime) -> int:
                         prompt_tokens=c["prompt_tokens"], cached_prompt_tokens=c.get("cached_prompt_tokens", 0),
                         completion_tokens=c["completion_tokens"], cost_usd=Decimal(c["cost_usd"]),
                         estimated=bool(c.get("estimated", True)), priced=bool(c.get("priced", True)),
-                        starts_run=index == 0)
+                        # An async run's later attempt: its first attempt's records counted it.
+                        starts_run=index == 0 and run.attempts <= 1)
             for index, c in enumerate(calls)])
         reservation = run.reservation or {}
         if reservation.get("spend_ids"):
@@ -211,19 +223,38 @@ def _sweep_one(run_id, now: datetime) -> int:
                                                   amount=Decimal(reservation["amount"])), actual_usd=cost)
         prompt = sum(c["prompt_tokens"] for c in calls)
         completion = sum(c["completion_tokens"] for c in calls)
+        ended = {"lease_expires_at": None, "reservation": {}, "prompt_tokens": prompt, "completion_tokens": completion,
+                 "total_tokens": prompt + completion, "steps": len(calls)}
+        details = {"agent_id": run.agent_id, "transport": run.transport, "model": run.model,
+                   "lease_expired_at": run.lease_expires_at.isoformat() if run.lease_expires_at else None,
+                   "prompt_tokens": prompt, "completion_tokens": completion, "cost_usd": str(cost),
+                   "released_usd": str(max(Decimal(reservation.get("amount") or 0) - cost, Decimal("0")))
+                   if reservation else "0", "estimated": True}
+        task = run.transport == Run.Transport.TASK
+        if task and not run.cancel_requested and run.attempts < settings.RUN_MAX_ATTEMPTS:
+            # An async run is queued again (its usage so far stands): it still completes, once.
+            Run.objects.filter(pk=run.id).update(
+                status=Run.Status.QUEUED, enqueued_at=now, **ended,
+                metadata={**(run.metadata or {}), "interrupted_attempts": run.attempts})
+            audit_record(actor="system", action="run.requeued", target=f"run:{run.id}", outcome="error",
+                         request_id=run.request_id, details={**details, "attempts": run.attempts})
+            if enqueue:
+                from .runs import run_enqueue
+
+                transaction.on_commit(lambda: run_enqueue(run.id))
+            return 1
+        cancelled = task and run.cancel_requested  # its caller asked to cancel it: nothing to run again
         Run.objects.filter(pk=run.id).update(
-            status=Run.Status.INTERRUPTED, error_code=INTERRUPTED, error_message=INTERRUPTED_MESSAGE,
-            finished_at=now, lease_expires_at=None, reservation={}, prompt_tokens=prompt,
-            completion_tokens=completion, total_tokens=prompt + completion, steps=len(calls),
-            latency_ms=max(0, int((now - run.started_at).total_seconds() * 1000)),
+            status=Run.Status.CANCELLED if cancelled else Run.Status.INTERRUPTED,
+            error_code="" if cancelled else INTERRUPTED, error_message="" if cancelled else INTERRUPTED_MESSAGE,
+            finished_at=now, latency_ms=max(0, int((now - run.started_at).total_seconds() * 1000)), **ended,
             metadata={**(run.metadata or {}), "interrupted": True, "estimated": True})
         audit_record(actor="system", action="run.interrupted", target=f"run:{run.id}", outcome="error",
-                     request_id=run.request_id,
-                     details={"agent_id": run.agent_id, "transport": run.transport, "model": run.model,
-                              "lease_expired_at": run.lease_expires_at.isoformat() if run.lease_expires_at else None,
-                              "prompt_tokens": prompt, "completion_tokens": completion, "cost_usd": str(cost),
-                              "released_usd": str(max(Decimal(reservation.get("amount") or 0) - cost, Decimal("0")))
-                              if reservation else "0", "estimated": True})
+                     request_id=run.request_id, details=details)
+        if task:
+            from .runs import run_ended
+
+            run_ended(run.id)  # dead-lettered after its last attempt; its callback enqueued
     return 1
 
 

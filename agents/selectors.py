@@ -8,12 +8,13 @@ as misses too (so a flood of bad names costs no queries); creating that agent dr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db.models import Prefetch
+from django.db.models import Count, Prefetch, QuerySet, Sum
 
-from .models import Agent, AgentSkill, Message, Session
+from .models import Agent, AgentSkill, Message, Run, Session
 from .skills.base import SkillSpec
 
 _MISSING = {"missing": True}
@@ -117,6 +118,16 @@ def agent_spec(name: str) -> AgentSpec | None:
     return agent_spec_from_entry(entry)
 
 
+def session_continues(session: Session, *, agent_id: int, principal, user_id: int | None = None) -> bool:
+    """Whether a turn of this caller may continue this session: the same agent, and the session
+    is the caller's (its key's; a staff user's own) or the caller has an admin key."""
+    if session.agent_id != agent_id:
+        return False
+    if principal is not None:
+        return principal.is_admin or session.api_key_id == principal.key_id
+    return session.user_id == user_id
+
+
 def session_history(*, session: Session, limit: int) -> list[dict]:
     """The last `limit` messages of a session as Chat Completions messages, oldest first."""
     rows = list(Message.objects.filter(session=session).order_by("-created_at", "-id")[:limit])
@@ -135,3 +146,34 @@ def session_history(*, session: Session, limit: int) -> list[dict]:
         else:
             history.append({"role": row.role, "content": row.content})
     return history
+
+
+# --- runs as billed -----------------------------------------------------------------------
+
+USD_PLACES = Decimal("0.00000001")
+
+
+def usd_text(value: Decimal | None) -> str | None:
+    """A cost as the API shows it: 8 places, as UsageRecord stores it and the `done` frame sends
+    it (SQLite's SUM has more)."""
+    return str(Decimal(value).quantize(USD_PLACES)) if value is not None else None
+
+
+def runs_with_usage(queryset: QuerySet) -> QuerySet:
+    """Runs annotated with what their usage records bill (through the reverse relation, so the
+    agents app needs no import of billing): cost_usd, metered_calls, metered_*_tokens."""
+    return queryset.annotate(cost_usd=Sum("usage__cost_usd"), metered_calls=Count("usage"),
+                             metered_prompt_tokens=Sum("usage__prompt_tokens"),
+                             metered_completion_tokens=Sum("usage__completion_tokens"))
+
+
+def run_usage(run: Run) -> dict:
+    """Tokens as billed when the run was metered (a run annotated by runs_with_usage): a cancelled
+    run stores the tokens its model reported (none for a call cut short), metering estimates the
+    call in flight (as the `done` frame of a cancelled turn reports them); an unmetered run (still
+    queued or running) its own counts."""
+    if getattr(run, "metered_calls", 0):
+        prompt, completion = run.metered_prompt_tokens or 0, run.metered_completion_tokens or 0
+    else:
+        prompt, completion = run.prompt_tokens, run.completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

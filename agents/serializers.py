@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from agentplatform.serializers import StrictSerializer
+from agentplatform.serializers import MomentField, StrictSerializer
 
 from .chat_input import REST_ROLES, metadata_of
-from .models import Message, Session
+from .models import Message, Run, Session
 
 
 # The chat request's schema, for the OpenAPI document only: agents.chat_input validates
@@ -114,3 +114,75 @@ class SessionCreateSerializer(StrictSerializer):
         return metadata_of(value)
 
 
+
+
+# --- async runs ---------------------------------------------------------------------------
+
+
+class RunCreateRequestSerializer(serializers.Serializer):
+    """The schema of POST /api/v1/agents/{name}/runs (agents.chat_input.async_run_input validates)."""
+
+    message = serializers.CharField(required=False, help_text="The user's message. Give this or `messages`.")
+    messages = InputMessageSerializer(many=True, required=False,
+                                      help_text="New messages to append to the session (the last one from the user).")
+    session_id = serializers.UUIDField(required=False, allow_null=True,
+                                       help_text="Continue this session; an unknown id creates it with that id.")
+    metadata = serializers.DictField(required=False, default=dict,
+                                     help_text="Stored with the run: at most 16 KiB as compact UTF-8 JSON.")
+    callback_url = serializers.URLField(required=False, max_length=2000,
+                                        help_text="POSTed the finished run (signed); a public http(s) address.")
+
+
+class RunErrorSerializer(serializers.Serializer):
+    code = serializers.CharField()
+    message = serializers.CharField()
+
+
+class RunCallbackSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["pending", "sent", "dead"])
+    attempts = serializers.IntegerField()
+    delivered_at = serializers.DateTimeField(allow_null=True)
+    error = serializers.CharField(allow_null=True)
+
+
+class RunSerializer(serializers.Serializer):
+    """A run as GET /api/v1/runs/{id} answers (agents.runs.run_payload builds it)."""
+
+    id = serializers.UUIDField()
+    object = serializers.CharField(default="run")
+    agent = serializers.CharField()
+    session_id = serializers.UUIDField(allow_null=True)
+    status = serializers.ChoiceField(choices=Run.Status.values)
+    transport = serializers.ChoiceField(choices=Run.Transport.values)
+    model = serializers.CharField()
+    output = serializers.CharField(help_text="The answer, once the run ended (async runs; partial when cancelled).")
+    usage = UsageSerializer()
+    cost_usd = serializers.CharField(allow_null=True, help_text="USD as billed, a decimal string.")
+    error = RunErrorSerializer(allow_null=True)
+    metadata = serializers.DictField()
+    attempts = serializers.IntegerField(help_text="Times a worker started it.")
+    cancel_requested = serializers.BooleanField()
+    queued_at = serializers.DateTimeField(allow_null=True)
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    latency_ms = serializers.IntegerField(allow_null=True)
+    callback = RunCallbackSerializer(allow_null=True)
+
+
+class RunQuerySerializer(serializers.Serializer):
+    """GET /api/v1/runs filters; `from`/`to` bound started_at (a queued run's: when it was queued)."""
+
+    agent = serializers.CharField(required=False, max_length=64)
+    status = serializers.ChoiceField(choices=Run.Status.values, required=False)
+    transport = serializers.ChoiceField(choices=Run.Transport.values, required=False)
+    session_id = serializers.UUIDField(required=False)
+    # "from" is a Python keyword: declared under its query parameter name below.
+    to = MomentField(required=False, end=True)
+
+    def validate(self, attrs: dict) -> dict:
+        if attrs.get("from") and attrs.get("to") and attrs["from"] >= attrs["to"]:
+            raise serializers.ValidationError({"to": "Must be after `from`."})
+        return attrs
+
+
+RunQuerySerializer._declared_fields["from"] = MomentField(required=False)

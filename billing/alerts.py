@@ -30,14 +30,12 @@ database writer thread (settlements run in its group commit) or a request for a 
 Webhook: POST of the JSON body `alert_payload` builds, `Content-Type: application/json`,
 `X-AgentPlatform-Event: budget.alert`, `X-AgentPlatform-Delivery: <delivery id>` and, with
 BUDGET_ALERT_WEBHOOK_SECRET set, `X-AgentPlatform-Signature: sha256=<hex HMAC-SHA256 of the raw
-body with the secret>`. Any 2xx is success; redirects are not followed.
+body with the secret>`. Any 2xx is success; redirects are not followed (agentplatform.webhooks:
+one encoding, signature and backoff for every webhook).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import logging
 import queue
 import threading
@@ -52,6 +50,16 @@ from django.core.mail import send_mail
 from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
+from agentplatform.webhooks import (
+    DELIVERY_HEADER,
+    EVENT_HEADER,
+    SIGNATURE_HEADER,
+    DeliveryFailed,
+    retry_countdown,
+    webhook_body,
+    webhook_outcome,
+    webhook_signature,
+)
 from governance.masking import mask_text
 
 from .budgets import (
@@ -70,7 +78,6 @@ logger = logging.getLogger("billing.alerts")
 # A delivery never tried this long after it was made lost its enqueue (broker down at commit,
 # a process gone before its eager thread ran it): the scan enqueues it again.
 REQUEUE_AFTER = timedelta(minutes=10)
-MAX_BACKOFF_SECONDS = 3600.0
 ERROR_MAX_CHARS = 500
 USER_AGENT = "agent-platform-alerts/1"
 
@@ -231,14 +238,6 @@ def _eager_runner() -> _EagerRunner:
 # --- delivering ------------------------------------------------------------------------------
 
 
-class DeliveryFailed(Exception):
-    """One attempt failed; `permanent`: retrying cannot help."""
-
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.permanent = permanent
-
-
 @dataclass(frozen=True)
 class Attempt:
     status: str  # "sent", "retry", "dead" or "skipped" (no such delivery, or not pending)
@@ -248,7 +247,7 @@ class Attempt:
 
 def alert_retry_countdown(attempts: int) -> float:
     """Seconds before the next attempt after `attempts` failed ones: backoff × 2^(attempts-1)."""
-    return min(settings.BUDGET_ALERT_RETRY_BACKOFF_SECONDS * 2 ** max(attempts - 1, 0), MAX_BACKOFF_SECONDS)
+    return retry_countdown(attempts, base=settings.BUDGET_ALERT_RETRY_BACKOFF_SECONDS)
 
 
 def alert_delivery_attempt(*, delivery_id: int) -> Attempt:
@@ -326,18 +325,13 @@ def alert_payload(alert: BudgetAlert, *, delivery_id: int | None = None, attempt
     }
 
 
-def webhook_signature(body: bytes, secret: str) -> str:
-    """The X-AgentPlatform-Signature header value of `body`."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
 def _post_webhook(delivery: AlertDelivery, attempt: int) -> None:
     payload = alert_payload(delivery.alert, delivery_id=delivery.id, attempt=attempt)
-    body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+    body = webhook_body(payload)
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
-               "X-AgentPlatform-Event": "budget.alert", "X-AgentPlatform-Delivery": str(delivery.id)}
+               EVENT_HEADER: "budget.alert", DELIVERY_HEADER: str(delivery.id)}
     if settings.BUDGET_ALERT_WEBHOOK_SECRET:
-        headers["X-AgentPlatform-Signature"] = webhook_signature(body, settings.BUDGET_ALERT_WEBHOOK_SECRET)
+        headers[SIGNATURE_HEADER] = webhook_signature(body, settings.BUDGET_ALERT_WEBHOOK_SECRET)
     try:
         response = httpx.post(delivery.target, content=body, headers=headers,
                               timeout=settings.BUDGET_ALERT_WEBHOOK_TIMEOUT, follow_redirects=False)
@@ -346,10 +340,7 @@ def _post_webhook(delivery: AlertDelivery, attempt: int) -> None:
     except httpx.HTTPError as exc:
         # The message, never the URL (it may carry a token).
         raise DeliveryFailed(f"{type(exc).__name__}: {exc}") from None
-    if not 200 <= response.status_code < 300:
-        status = response.status_code
-        permanent = 400 <= status < 500 and status not in (408, 425, 429)
-        raise DeliveryFailed(f"HTTP {status}: {response.text[:200]}", permanent=permanent)
+    webhook_outcome(response.status_code, response.text)
 
 
 def _send_email(delivery: AlertDelivery) -> None:

@@ -10,7 +10,9 @@
                     first call's record has starts_run=True: the one record that counts the run
                     as a request (billing.rollups). A run is persisted once (its id is the Run's
                     primary key; an idempotent replay answers from the stored response and runs
-                    no pipeline), so exactly one record per run that has records starts it.
+                    no pipeline), so exactly one record per run that has records starts it. An async run started
+                    again (its worker died, an admin retried it: `turn.counted_before`) was counted
+                    by its first attempt's records: this attempt's start nothing.
 
 Failed, cancelled and client-disconnected runs go through finished/persist too (the pipeline
 calls them from its `finally`). A failed call costs the usage its provider error carries: none
@@ -119,5 +121,6 @@ class MeteringStage:
                         request_id=(turn.request_id or "")[:128], variant=str(turn.notes.get("variant") or "")[:100],
                         prompt_tokens=c.prompt_tokens, cached_prompt_tokens=c.cached_prompt_tokens,
                         completion_tokens=c.completion_tokens, cost_usd=Decimal(c.cost_usd), estimated=c.estimated,
-                        priced=c.priced, starts_run=index == 0 and turn.run_id is not None)
+                        priced=c.priced, starts_run=index == 0 and turn.run_id is not None
+                        and not turn.counted_before)
             for index, c in enumerate(calls)])

@@ -68,6 +68,10 @@ def principal_from_entry(entry: dict | None, presented: str) -> Principal | None
                 and hmac.compare_digest(entry["prev_hash"], presented_hash) and entry["prev_expires"] > now)
     if not (current or previous):
         return None
+    return _principal_if_active(entry, now)
+
+
+def _principal_if_active(entry: dict, now: float) -> Principal | None:
     if not entry["active"]:
         return None
     if entry["expires"] is not None and entry["expires"] <= now:
@@ -85,6 +89,19 @@ def principal_for_key(presented: str) -> Principal | None:
     if prefix is None:
         return None
     return principal_from_entry(api_key_entry(prefix), presented)
+
+
+def principal_for_key_id(key_id: int) -> Principal | None:
+    """The key with this id as it is now, without its secret: for work a key started earlier and
+    that runs later (async runs), which must stop once the key is revoked, disabled, expired or
+    deleted (None then). One indexed query for the prefix, then the cached entry."""
+    prefix = ApiKey.objects.filter(pk=key_id).values_list("prefix", flat=True).first()
+    if prefix is None:
+        return None
+    entry = api_key_entry(prefix)
+    if not entry or entry.get("missing"):
+        return None
+    return _principal_if_active(entry, time.time())
 
 
 def presented_key(headers) -> str | None:

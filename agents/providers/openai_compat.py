@@ -1,10 +1,10 @@
 """OpenAI and every OpenAI-compatible server (vLLM, Ollama, LM Studio, gateways, Anthropic's
 compatibility endpoint) through the official SDK's AsyncOpenAI client.
 
-One client, hence one connection pool, per provider per process (per event loop, since an
-httpx pool cannot move between loops; a server has one loop). Non-streaming calls go through the
-SDK's raw `client.post` and read the JSON body instead of building its pydantic objects: same
-request, same errors, less CPU on the hot path. Streaming calls take the same door with
+One client, hence one connection pool, per provider per process and event loop (a pool cannot
+move between loops; a server has one loop, plus agentplatform.background's for async runs).
+Non-streaming calls go through the SDK's raw `client.post` and read the JSON body instead of
+building its pydantic objects: same request, same errors, less CPU on the hot path. Streaming calls take the same door with
 stream=True and parse the server-sent events themselves (SSEDecoder + json.loads per event).
 """
 
@@ -16,6 +16,7 @@ import email.utils
 import json
 import math
 import time
+import weakref
 from typing import Any, AsyncIterator
 
 import httpx
@@ -106,20 +107,26 @@ class OpenAICompatibleProvider(Provider):
         self.name = name
         self.api_key = api_key
         self.base_url = base_url
-        self._clients: dict[int, openai.AsyncOpenAI] = {}
+        # id(loop) -> (the loop, weakly; its client)
+        self._clients: dict[int, tuple[weakref.ref, openai.AsyncOpenAI]] = {}
 
     def _client(self) -> openai.AsyncOpenAI:
         if not self.api_key:
             raise ProviderError(f"The {self.name} provider has no API key configured.",
                                 code="provider_not_configured", permanent=True)
-        loop_id = id(asyncio.get_running_loop())
-        client = self._clients.get(loop_id)
-        if client is None:
-            # Retries are the runtime's job (agents.resilience: within the run's deadline, seen
-            # by the circuit breakers, metered per attempt), not the SDK's.
-            client = openai.AsyncOpenAI(api_key=self.api_key, base_url=self.base_url, max_retries=0,
-                                        http_client=_http_client())
-            self._clients = {loop_id: client}  # a process serves one loop; drop clients of dead loops
+        loop = asyncio.get_running_loop()
+        held = self._clients.get(id(loop))
+        if held is not None and held[0]() is loop:
+            return held[1]
+        # Retries are the runtime's job (agents.resilience: within the run's deadline, seen
+        # by the circuit breakers, metered per attempt), not the SDK's.
+        client = openai.AsyncOpenAI(api_key=self.api_key, base_url=self.base_url, max_retries=0,
+                                    http_client=_http_client())
+        # Clients of loops that are gone or closed (a test's, an asyncio.run()'s) are dropped.
+        live = {key: (ref, c) for key, (ref, c) in self._clients.items()
+                if (other := ref()) is not None and not other.is_closed()}
+        live[id(loop)] = (weakref.ref(loop), client)
+        self._clients = live
         return client
 
     @staticmethod
@@ -262,9 +269,15 @@ class OpenAICompatibleProvider(Provider):
         yield Completion(content=content, tool_calls=tool_calls, usage=usage, finish_reason=finish_reason, model=model)
 
     async def aclose(self) -> None:
+        loop = asyncio.get_running_loop()
         clients, self._clients = self._clients, {}
-        for client in clients.values():
-            await client.close()
+        for ref, client in clients.values():
+            other = ref()
+            if other is loop:
+                await client.close()
+            elif other is not None and other.is_running():
+                # Another loop's client is closed on its own loop (agentplatform.background's).
+                asyncio.run_coroutine_threadsafe(client.close(), other)
 
 
 def _stream_error(chunk: dict, response: httpx.Response) -> openai.APIError:

@@ -24,7 +24,7 @@ import math
 import httpx
 
 from agents.skills.base import SkillContext, SkillError
-from agents.skills.outbound import DEFAULT_PORTS, outbound_stream
+from agents.skills.outbound import DEFAULT_PORTS, http_url, outbound_stream
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
 MAX_TIMEOUT_SECONDS = 30.0
@@ -149,21 +149,8 @@ def host_allowed(host: str, port: int, allowed_hosts: list[str]) -> bool:
 
 
 def checked_url(raw: object, allowed_hosts: list[str]) -> httpx.URL:
-    if not isinstance(raw, str) or not raw.strip():
-        raise SkillError("url must be a non-empty string")
-    if len(raw) > MAX_URL_CHARS:
-        raise SkillError(f"url is longer than {MAX_URL_CHARS} characters")
-    try:
-        url = httpx.URL(raw.strip())
-    except httpx.InvalidURL as exc:
-        raise SkillError(f"invalid url: {exc}") from exc
-    if url.scheme not in ("http", "https"):
-        raise SkillError("only http and https URLs can be fetched")
-    if url.userinfo:
-        raise SkillError("URLs with credentials (user:password@) are not allowed")
+    url = http_url(raw, max_chars=MAX_URL_CHARS)
     host = url.raw_host.decode("ascii", errors="replace")
-    if not host:
-        raise SkillError("url has no host")
     ports = allowed_ports(host, allowed_hosts)
     if not ports:
         raise SkillError(f"host {host!r} is not in this skill's allowed hosts")

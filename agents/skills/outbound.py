@@ -60,6 +60,35 @@ class HostUnresolved(SkillError):
         super().__init__(f"host {host!r} could not be resolved")
 
 
+def http_url(raw: object, *, max_chars: int = 2000, what: str = "url") -> httpx.URL:
+    """`raw` parsed by httpx (the parser that makes the request, so the host checked is the host
+    connected to): an absolute http(s) URL with a host and no credentials (user:password@).
+    Raises SkillError naming what is wrong; says nothing about where the host points."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise SkillError(f"{what} must be a non-empty string")
+    if len(raw) > max_chars:
+        raise SkillError(f"{what} is longer than {max_chars} characters")
+    try:
+        url = httpx.URL(raw.strip())
+    except httpx.InvalidURL as exc:
+        raise SkillError(f"invalid {what}: {exc}") from exc
+    if url.scheme not in ("http", "https"):
+        raise SkillError("only http and https URLs can be fetched" if what == "url"
+                         else f"{what} must be an http or https URL")
+    if url.userinfo:
+        raise SkillError("URLs with credentials (user:password@) are not allowed")
+    if not url.raw_host:
+        raise SkillError(f"{what} has no host")
+    return url
+
+
+async def public_url_check(url: httpx.URL) -> None:
+    """Refuse (AddressRefused, HostUnresolved) a URL whose host is not at a public address, as
+    outbound_stream would, without connecting: for URLs given now and used later (async-run
+    callbacks), which outbound_stream checks again when it connects."""
+    await resolve_public(url.raw_host.decode("ascii"), url.port or DEFAULT_PORTS[url.scheme])
+
+
 def _same_address(host: str, address: IPAddress) -> bool:
     try:
         return ipaddress.ip_address(host) == address
