@@ -8,7 +8,9 @@
 #   * gunicorn with WORKERS uvicorn worker processes on HOST:PORT (HTTP and WebSockets on the
 #     one port; agentplatform/gunicorn_conf.py says why this server), default WORKERS = cores;
 #   * a Celery worker (CELERY_WORKER=0: none; CELERY_CONCURRENCY: its processes, default cores);
-#   * Celery beat (BEAT=0: none. Run exactly one beat per deployment: on one host only).
+#   * Celery beat (BEAT=0: none. Run exactly one beat per deployment: on one host only);
+#   * the audit chain's sequencer, `manage.py audit_sequencer` (AUDIT_SEQUENCER=0: none; one per
+#     host is fine, they take turns).
 # SIGTERM or SIGINT (Ctrl-C) is forwarded to every child as SIGTERM (gunicorn and Celery finish
 # what they are doing, up to 30 s, then are killed); if any child exits on its own, the others
 # are stopped and the script exits with that child's status.
@@ -30,6 +32,7 @@ MIGRATE="${MIGRATE:-1}"
 CELERY_WORKER="${CELERY_WORKER:-1}"
 CELERY_CONCURRENCY="${CELERY_CONCURRENCY:-$CORES}"
 BEAT="${BEAT:-1}"
+AUDIT_SEQUENCER="${AUDIT_SEQUENCER:-1}"
 STOP_TIMEOUT="${STOP_TIMEOUT:-35}"
 
 say() { printf '==> %s\n' "$*" >&2; }
@@ -113,13 +116,16 @@ if [[ "$BEAT" == 1 ]]; then
     start beat "$VENV/bin/celery" -A agentplatform beat --loglevel INFO \
         --schedule "$VAR_PATH/celerybeat-schedule" --pidfile "$VAR_PATH/celerybeat.pid"
 fi
+if [[ "$AUDIT_SEQUENCER" == 1 ]]; then
+    start sequencer "$VPY" manage.py audit_sequencer
+fi
 
 case "$HOST" in
     0.0.0.0 | "::" | "") SHOW_HOST=127.0.0.1 ;;
     *:*) SHOW_HOST="[$HOST]" ;;
     *) SHOW_HOST="$HOST" ;;
 esac
-say "Agent Platform (production stack) on http://$SHOW_HOST:$PORT/ : $WORKERS web workers, Celery worker: $CELERY_WORKER, beat: $BEAT (SIGTERM or Ctrl-C stops all)"
+say "Agent Platform (production stack) on http://$SHOW_HOST:$PORT/ : $WORKERS web workers, Celery worker: $CELERY_WORKER, beat: $BEAT, audit sequencer: $AUDIT_SEQUENCER (SIGTERM or Ctrl-C stops all)"
 
 # Wait for the first child to exit (a signal interrupts the wait and runs its trap).
 set +e
