@@ -2,8 +2,8 @@
 workers (gunicorn + uvicorn's worker on one port), a Celery worker and beat, against this
 machine's PostgreSQL (the test database) and Redis. A smoke scenario through the one port:
 a key made over the API, a rate limit exact across both workers, a budget refusal, an
-idempotent replay served by the other worker, a WebSocket stream, /metrics; then SIGTERM stops
-every process.
+idempotent replay served by the other worker, a WebSocket stream, /metrics, the audit entries
+chained by the stack's sequencer; then SIGTERM stops every process.
 
 Which worker served a request is read from the kernel, not from the app: the test holds one
 keep-alive connection per worker and finds, in /proc, the worker process that owns the
@@ -307,6 +307,18 @@ def test_it_serves_the_smoke_scenario_through_one_port(stack, make_agent, make_k
     for conn in conns:
         conn.close()
 
+    # The stack's audit sequencer chained every entry of the scenario, off the request path.
+    from governance.audit import audit_chain_verify
+    from governance.models import AuditLog
+
+    deadline = time.monotonic() + 20
+    while AuditLog.objects.filter(seq__isnull=True).exists():
+        assert time.monotonic() < deadline, f"entries left unchained:\n{stack.log()}"
+        time.sleep(0.1)
+    report = audit_chain_verify()
+    assert report.ok and report.count >= 20 and report.pending == 0, report
+    assert AuditLog.objects.filter(action="request.served").count() >= 12
+
 
 def test_metrics_are_summed_over_workers(stack, make_key):
     """/metrics on any worker counts every worker's requests: scripts/prod.sh exports
@@ -342,7 +354,8 @@ def test_metrics_are_summed_over_workers(stack, make_key):
 
 def test_sigterm_stops_every_process(stack):
     processes = _tree(stack.process.pid)
-    assert len(processes) >= 5, processes  # script, gunicorn master + 2 workers, celery worker, beat
+    # script, gunicorn master + 2 workers, Celery worker (+ its pool), beat, audit sequencer
+    assert len(processes) >= 6, processes
     stack.process.send_signal(signal.SIGTERM)
     assert stack.process.wait(timeout=60) == 143, stack.log()
     deadline = time.monotonic() + 10
