@@ -139,9 +139,11 @@ async def read_response(reader: asyncio.StreamReader, t0: float, marks: dict | N
     return status, body, keep_alive
 
 
-def build_request(host: str, port: int, path: str, body: dict, token: str) -> bytes:
+def build_request(host: str, port: int, path: str, body: dict, token: str,
+                  headers: dict[str, str] | None = None) -> bytes:
     payload = json.dumps(body, separators=(",", ":")).encode()
-    return (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n{extra}"
             f"Content-Type: application/json\r\nAccept: */*\r\nContent-Length: {len(payload)}\r\n\r\n"
             ).encode() + payload
 
@@ -505,6 +507,43 @@ def server_command(server: str, workers: int, port: int, app: str = "agentplatfo
             "--port", str(port), app]
 
 
+def start_upstream(procs: Procs, env: dict, log: Path) -> tuple[str, int, subprocess.Popen]:
+    """The fake OpenAI upstream on a free port: its base URL (.../v1), port and process."""
+    fake = procs.start("upstream", [PYTHON, str(ROOT / "agentplatform/testing/fake_openai.py"),
+                                    "--host", "127.0.0.1", "--port", "0"], env, log, pipe_stdout=True)
+    url = wait_listening_line(fake, log)
+    return url, urlsplit(url).port, fake
+
+
+def bench_env(tmp: Path, *, database_url: str = "", redis_url: str = "") -> dict:
+    """The platform's environment for a bench: DEBUG off, a random SECRET_KEY, the temp VAR_DIR."""
+    env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
+    env.update(DEBUG="0", SECRET_KEY=secrets.token_urlsafe(50), VAR_DIR=str(tmp), OPENAI_API_KEY="sk-bench",
+               PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+    if database_url:
+        env["DATABASE_URL"] = database_url
+        ensure_postgres_database(database_url)
+    if redis_url:
+        env.update(REDIS_URL=redis_url, CACHE_KEY_PREFIX="apbench", CHANNEL_LAYER_PREFIX="apbench")
+    return env
+
+
+def start_platform(procs: Procs, env: dict, tmp: Path, log: Path, *, server: str = "daphne", workers: int = 1,
+                   settings_module: str = "") -> tuple[int, str, subprocess.Popen]:
+    """Migrate, make the agent `bench` and a client key for it, start the server (env must
+    have OPENAI_BASE_URL). Returns the port, the key and the server process."""
+    manage(["migrate", "--noinput", "-v", "0"], env, log)
+    manage(["shell", "-c", SETUP_SNIPPET], env, log)
+    out = manage(["create_api_key", "--name", "bench", "--role", "client", "--agents", AGENT, "--json"], env, log)
+    key = json.loads(out.strip().splitlines()[-1])["key"]
+    port = free_port()
+    server_log = tmp / "server.log"
+    server_env = dict(env, DJANGO_SETTINGS_MODULE=settings_module) if settings_module else env
+    proc = procs.start("server", server_command(server, workers, port), server_env, server_log)
+    wait_http_ok(port, proc, server_log)
+    return port, key, proc
+
+
 # --------------------------------------------------------------------------- report
 
 def fmt_row(name: str, r: dict) -> str:
@@ -579,36 +618,18 @@ def main(argv: list[str] | None = None) -> int:
     log = tmp / "bench.log"
     procs = Procs()
     try:
-        env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
-        env.update(DEBUG="0", SECRET_KEY=secrets.token_urlsafe(50), VAR_DIR=str(tmp), OPENAI_API_KEY="sk-bench",
-                   PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
-        if args.database_url:
-            env["DATABASE_URL"] = args.database_url
-            ensure_postgres_database(args.database_url)
-        if args.redis_url:
-            env.update(REDIS_URL=args.redis_url, CACHE_KEY_PREFIX="apbench", CHANNEL_LAYER_PREFIX="apbench")
+        env = bench_env(tmp, database_url=args.database_url, redis_url=args.redis_url)
         stack = ("postgres" if args.database_url else "sqlite") + ("+redis" if args.redis_url else "")
 
         say(f"chat bench: server {args.server} ({args.workers} process{'es' if args.workers > 1 else ''}), "
             f"{stack}, temp dir {tmp}")
-        fake = procs.start("upstream", [PYTHON, str(ROOT / "agentplatform/testing/fake_openai.py"),
-                                        "--host", "127.0.0.1", "--port", "0"], env, log, pipe_stdout=True)
-        fake_url = wait_listening_line(fake, log)
-        fake_port = urlsplit(fake_url).port
+        fake_url, fake_port, fake = start_upstream(procs, env, log)
         env["OPENAI_BASE_URL"] = fake_url
 
         say("migrating, creating the agent and the API key ...")
-        manage(["migrate", "--noinput", "-v", "0"], env, log)
-        manage(["shell", "-c", SETUP_SNIPPET], env, log)
-        out = manage(["create_api_key", "--name", "bench", "--role", "client", "--agents", AGENT, "--json"], env, log)
-        key = json.loads(out.strip().splitlines()[-1])["key"]
-
-        port = free_port()
-        cmd = server_command(args.server, args.workers, port)
+        port, key, server = start_platform(procs, env, tmp, log, server=args.server, workers=args.workers,
+                                           settings_module=args.settings)
         server_log = tmp / "server.log"
-        server_env = dict(env, DJANGO_SETTINGS_MODULE=args.settings) if args.settings else env
-        server = procs.start("server", cmd, server_env, server_log)
-        wait_http_ok(port, server, server_log)
         say(f"upstream {fake_url} (pid {fake.pid}), platform http://127.0.0.1:{port}/v1 (pid {server.pid})")
 
         pids = {"server": server.pid, "upstream": fake.pid, "client": os.getpid()}
