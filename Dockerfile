@@ -1,4 +1,4 @@
-# Agent Platform: one image for the web (daphne), Celery worker and beat processes.
+# Agent Platform: one image for the web (gunicorn + uvicorn's worker), Celery worker and beat processes.
 #
 #   docker build -t agentplatform .
 #   docker run --rm -p 8000:8000 -e SECRET_KEY=... -e DATABASE_URL=... -e REDIS_URL=... agentplatform
@@ -8,7 +8,7 @@
 FROM python:3.11-slim
 
 # PYTHONPATH: the source tree in /app comes before site-packages, so BASE_DIR (templates,
-# static, fixtures) is /app whichever way a process (daphne, celery, manage.py) imports it.
+# static, fixtures) is /app whichever way a process (gunicorn, daphne, celery, manage.py) imports it.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -42,4 +42,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status == 200 else 1)"]
 
-CMD ["sh", "-c", "python manage.py migrate --noinput && exec daphne -v 0 -b 0.0.0.0 -p 8000 agentplatform.asgi:application"]
+CMD ["sh", "-c", "python manage.py migrate --noinput && exec gunicorn -c python:agentplatform.gunicorn_conf -w 1 -b 0.0.0.0:8000 agentplatform.asgi:application"]

@@ -263,6 +263,8 @@ if CELERY_BROKER_VISIBILITY_TIMEOUT <= 0:
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_BROKER_VISIBILITY_TIMEOUT}
 CELERY_BEAT_SCHEDULE: dict = {
     "purge-idempotency-records": {"task": "governance.tasks.idempotency_records_purge_task", "schedule": 3600.0},
+    # The audit chain's backstop: entries no `manage.py audit_sequencer` chained (none running).
+    "sequence-audit-chain": {"task": "governance.tasks.audit_chain_sequence_task", "schedule": 60.0},
     # Budget alerts a settlement did not fire (limits lowered, thresholds changed, lost enqueues).
     "check-budget-alerts": {"task": "billing.tasks.check_budget_alerts_task", "schedule": 60.0},
     # The new period's BudgetSpend rows; reservations stuck in past periods (crashed workers).
@@ -552,6 +554,10 @@ IDEMPOTENCY_WAIT_SECONDS = env.int("IDEMPOTENCY_WAIT_SECONDS", default=60)
 IDEMPOTENCY_STALE_SECONDS = env.int("IDEMPOTENCY_STALE_SECONDS", default=600)
 # Grace period of a rotated key's previous secret, unless the rotation says otherwise.
 API_KEY_ROTATION_GRACE_SECONDS = env.int("API_KEY_ROTATION_GRACE_SECONDS", default=24 * 3600)
+# How often `manage.py audit_sequencer` chains the audit entries committed since (PostgreSQL).
+AUDIT_SEQUENCER_INTERVAL_SECONDS = env.float("AUDIT_SEQUENCER_INTERVAL_SECONDS", default=0.5)
+if not AUDIT_SEQUENCER_INTERVAL_SECONDS > 0:
+    raise ImproperlyConfigured("AUDIT_SEQUENCER_INTERVAL_SECONDS must be > 0.")
 
 # --- Billing ------------------------------------------------------------------------------
 # USD per 1M tokens for a model without a ModelPrice row; records made with it are flagged

@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Throughput and latency of POST /v1/chat/completions: the platform versus its upstream.
 
-    .venv/bin/python bench/chat_bench.py [--seconds 5] [--rounds 1] [--server daphne|uvicorn]
-        [--stream] [--database-url URL] [--redis-url URL] [--json-only]
+    .venv/bin/python bench/chat_bench.py [--seconds 5] [--rounds 1] [--server daphne|uvicorn|gunicorn]
+        [--workers N] [--stream] [--database-url URL] [--redis-url URL] [--json-only]
 
 Self-contained: it makes a temporary VAR_DIR (its own SQLite database), migrates it, creates
 an agent `bench` (model `openai/bench-model`) and a client API key for it, starts the fake
 OpenAI upstream (agentplatform/testing/fake_openai.py) and ONE platform server process
-(daphne by default) pointed at it, then measures, each after a warm-up:
+(daphne by default; --workers N: N processes on one listening socket, as gunicorn with
+uvicorn's worker (scripts/prod.sh) or N daphne processes sharing the socket by --fd) pointed
+at it, then measures, each after a warm-up:
 
     upstream c1    the fake upstream directly, 1 connection       (the floor)
     platform c1    the platform, 1 connection
@@ -137,9 +139,11 @@ async def read_response(reader: asyncio.StreamReader, t0: float, marks: dict | N
     return status, body, keep_alive
 
 
-def build_request(host: str, port: int, path: str, body: dict, token: str) -> bytes:
+def build_request(host: str, port: int, path: str, body: dict, token: str,
+                  headers: dict[str, str] | None = None) -> bytes:
     payload = json.dumps(body, separators=(",", ":")).encode()
-    return (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n{extra}"
             f"Content-Type: application/json\r\nAccept: */*\r\nContent-Length: {len(payload)}\r\n\r\n"
             ).encode() + payload
 
@@ -226,6 +230,37 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a pre-fork server's master and workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its living descendants."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            total += _proc_cpu(p)
+        except OSError:
+            pass
+    return total
+
+
 def _machine_busy() -> float:
     """CPU seconds the whole machine spent busy (all cores)."""
     with open("/proc/stat") as f:
@@ -252,13 +287,15 @@ async def run_case(host: str, port: int, request: bytes, *, concurrency: int, wa
         await asyncio.gather(*(_worker(c, request, warm, stream, budget, None) for c in conns))
 
         phase = Phase(checked=True) if warm.checked and not warm.errors else Phase()
-        cpu0 = {name: _proc_cpu(pid) for name, pid in pids.items()}
+        # The server's workers are its children; the client's children are the servers.
+        cpu_of = {name: tree_cpu if name == "server" else _proc_cpu for name in pids}
+        cpu0 = {name: cpu_of[name](pid) for name, pid in pids.items()}
         busy0 = _machine_busy()
         t0 = time.perf_counter()
         await asyncio.gather(*(_worker(c, request, phase, stream, None, t0 + seconds) for c in conns))
         wall = time.perf_counter() - t0
         busy = _machine_busy() - busy0
-        cpu = {name: _proc_cpu(pid) - cpu0[name] for name, pid in pids.items()}
+        cpu = {name: cpu_of[name](pid) - cpu0[name] for name, pid in pids.items()}
     finally:
         for c in conns:
             c.close()
@@ -429,7 +466,82 @@ def proc_status_mb(pid: int, field: str) -> float | None:
 
 
 def peak_rss_mb(pid: int) -> float | None:
-    return proc_status_mb(pid, "VmHWM")
+    """Peak RSS (VmHWM) of a process and its descendants, summed."""
+    values = [v for v in (proc_status_mb(p, "VmHWM") for p in process_tree(pid)) if v is not None]
+    return round(sum(values), 1) if values else None
+
+
+# N daphne processes sharing one listening socket (daphne --fd): what a pre-fork server does,
+# without the supervision. The launcher binds, starts the workers, forwards SIGTERM.
+DAPHNE_FD_LAUNCHER = """
+import os, signal, socket, subprocess, sys
+host, port, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sock = socket.socket()
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.bind((host, port))
+sock.listen(1024)
+fd = sock.fileno()
+procs = [subprocess.Popen([sys.executable, "-m", "daphne", "-v", "0", "--fd", str(fd), *sys.argv[4:]],
+                          pass_fds=[fd]) for _ in range(workers)]
+def stop(*_):
+    for p in procs:
+        p.terminate()
+signal.signal(signal.SIGTERM, stop)
+for p in procs:
+    p.wait()
+"""
+
+
+def server_command(server: str, workers: int, port: int, app: str = "agentplatform.asgi:application") -> list[str]:
+    """The command that serves the platform on 127.0.0.1:port with `workers` processes."""
+    if server == "gunicorn":
+        return [PYTHON, "-m", "gunicorn", "-c", "python:agentplatform.gunicorn_conf", "-w", str(workers),
+                "-b", f"127.0.0.1:{port}", "--log-level", "warning", app]
+    if server == "daphne" and workers > 1:
+        return [PYTHON, "-c", DAPHNE_FD_LAUNCHER, "127.0.0.1", str(port), str(workers), app]
+    if workers > 1:
+        raise SetupError("--workers > 1 needs --server gunicorn or daphne")
+    if server == "daphne":
+        return [PYTHON, "-m", "daphne", "-v", "0", "-b", "127.0.0.1", "-p", str(port), app]
+    return [PYTHON, "-m", "uvicorn", "--no-access-log", "--log-level", "warning", "--host", "127.0.0.1",
+            "--port", str(port), app]
+
+
+def start_upstream(procs: Procs, env: dict, log: Path) -> tuple[str, int, subprocess.Popen]:
+    """The fake OpenAI upstream on a free port: its base URL (.../v1), port and process."""
+    fake = procs.start("upstream", [PYTHON, str(ROOT / "agentplatform/testing/fake_openai.py"),
+                                    "--host", "127.0.0.1", "--port", "0"], env, log, pipe_stdout=True)
+    url = wait_listening_line(fake, log)
+    return url, urlsplit(url).port, fake
+
+
+def bench_env(tmp: Path, *, database_url: str = "", redis_url: str = "") -> dict:
+    """The platform's environment for a bench: DEBUG off, a random SECRET_KEY, the temp VAR_DIR."""
+    env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
+    env.update(DEBUG="0", SECRET_KEY=secrets.token_urlsafe(50), VAR_DIR=str(tmp), OPENAI_API_KEY="sk-bench",
+               PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+    if database_url:
+        env["DATABASE_URL"] = database_url
+        ensure_postgres_database(database_url)
+    if redis_url:
+        env.update(REDIS_URL=redis_url, CACHE_KEY_PREFIX="apbench", CHANNEL_LAYER_PREFIX="apbench")
+    return env
+
+
+def start_platform(procs: Procs, env: dict, tmp: Path, log: Path, *, server: str = "daphne", workers: int = 1,
+                   settings_module: str = "") -> tuple[int, str, subprocess.Popen]:
+    """Migrate, make the agent `bench` and a client key for it, start the server (env must
+    have OPENAI_BASE_URL). Returns the port, the key and the server process."""
+    manage(["migrate", "--noinput", "-v", "0"], env, log)
+    manage(["shell", "-c", SETUP_SNIPPET], env, log)
+    out = manage(["create_api_key", "--name", "bench", "--role", "client", "--agents", AGENT, "--json"], env, log)
+    key = json.loads(out.strip().splitlines()[-1])["key"]
+    port = free_port()
+    server_log = tmp / "server.log"
+    server_env = dict(env, DJANGO_SETTINGS_MODULE=settings_module) if settings_module else env
+    proc = procs.start("server", server_command(server, workers, port), server_env, server_log)
+    wait_http_ok(port, proc, server_log)
+    return port, key, proc
 
 
 # --------------------------------------------------------------------------- report
@@ -483,7 +595,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat the cases N times against the same processes; the summary takes medians")
     parser.add_argument("--concurrency", type=int, default=16, help="the high concurrency (default 16)")
-    parser.add_argument("--server", choices=["daphne", "uvicorn"], default="daphne")
+    parser.add_argument("--server", choices=["daphne", "uvicorn", "gunicorn"], default="daphne",
+                        help="gunicorn: uvicorn's worker under gunicorn, as scripts/prod.sh runs it")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes on the one port (gunicorn, or daphne sharing the socket by --fd)")
     parser.add_argument("--stream", action="store_true", help="also measure stream=true at c1")
     parser.add_argument("--database-url", default="", help="DATABASE_URL for the server (default: a temp SQLite)")
     parser.add_argument("--redis-url", default="", help="REDIS_URL for the server (default: none, embedded mode)")
@@ -492,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="",
                         help="DJANGO_SETTINGS_MODULE of the server (e.g. bench.settings_without_governance)")
     args = parser.parse_args(argv)
-    if args.seconds <= 0 or args.warmup < 0 or args.rounds < 1 or args.concurrency < 1:
+    if args.seconds <= 0 or args.warmup < 0 or args.rounds < 1 or args.concurrency < 1 or args.workers < 1:
         parser.error("--seconds, --rounds and --concurrency must be positive, --warmup >= 0")
 
     def say(*a) -> None:
@@ -503,40 +618,18 @@ def main(argv: list[str] | None = None) -> int:
     log = tmp / "bench.log"
     procs = Procs()
     try:
-        env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV}
-        env.update(DEBUG="0", SECRET_KEY=secrets.token_urlsafe(50), VAR_DIR=str(tmp), OPENAI_API_KEY="sk-bench",
-                   PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
-        if args.database_url:
-            env["DATABASE_URL"] = args.database_url
-            ensure_postgres_database(args.database_url)
-        if args.redis_url:
-            env.update(REDIS_URL=args.redis_url, CACHE_KEY_PREFIX="apbench", CHANNEL_LAYER_PREFIX="apbench")
+        env = bench_env(tmp, database_url=args.database_url, redis_url=args.redis_url)
         stack = ("postgres" if args.database_url else "sqlite") + ("+redis" if args.redis_url else "")
 
-        say(f"chat bench: server {args.server} (1 process), {stack}, temp dir {tmp}")
-        fake = procs.start("upstream", [PYTHON, str(ROOT / "agentplatform/testing/fake_openai.py"),
-                                        "--host", "127.0.0.1", "--port", "0"], env, log, pipe_stdout=True)
-        fake_url = wait_listening_line(fake, log)
-        fake_port = urlsplit(fake_url).port
+        say(f"chat bench: server {args.server} ({args.workers} process{'es' if args.workers > 1 else ''}), "
+            f"{stack}, temp dir {tmp}")
+        fake_url, fake_port, fake = start_upstream(procs, env, log)
         env["OPENAI_BASE_URL"] = fake_url
 
         say("migrating, creating the agent and the API key ...")
-        manage(["migrate", "--noinput", "-v", "0"], env, log)
-        manage(["shell", "-c", SETUP_SNIPPET], env, log)
-        out = manage(["create_api_key", "--name", "bench", "--role", "client", "--agents", AGENT, "--json"], env, log)
-        key = json.loads(out.strip().splitlines()[-1])["key"]
-
-        port = free_port()
-        if args.server == "daphne":
-            cmd = [PYTHON, "-m", "daphne", "-v", "0", "-b", "127.0.0.1", "-p", str(port),
-                   "agentplatform.asgi:application"]
-        else:
-            cmd = [PYTHON, "-m", "uvicorn", "--no-access-log", "--log-level", "warning", "--host", "127.0.0.1",
-                   "--port", str(port), "agentplatform.asgi:application"]
+        port, key, server = start_platform(procs, env, tmp, log, server=args.server, workers=args.workers,
+                                           settings_module=args.settings)
         server_log = tmp / "server.log"
-        server_env = dict(env, DJANGO_SETTINGS_MODULE=args.settings) if args.settings else env
-        server = procs.start("server", cmd, server_env, server_log)
-        wait_http_ok(port, server, server_log)
         say(f"upstream {fake_url} (pid {fake.pid}), platform http://127.0.0.1:{port}/v1 (pid {server.pid})")
 
         pids = {"server": server.pid, "upstream": fake.pid, "client": os.getpid()}
@@ -620,6 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "bench": "chat_completions",
         "server": args.server,
+        "workers": args.workers,
         "stack": stack,
         "cpus": os.cpu_count(),
         "seconds_per_case": args.seconds,

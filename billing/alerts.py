@@ -149,7 +149,7 @@ def _targets(budget: Budget) -> list[tuple[str, str]]:
 def check_budget_alerts(now: datetime | None = None) -> int:
     """Fire every threshold an enabled budget's current-period spend has reached and no alert
     records yet; enqueue again deliveries never tried (lost enqueues). Returns alerts fired."""
-    from governance.audit import audit_chain_lock
+    from .budgets import budget_ledger_lock
 
     now = now or timezone.now()
     budgets = list(Budget.objects.filter(enabled=True).order_by("id"))
@@ -166,8 +166,8 @@ def check_budget_alerts(now: datetime | None = None) -> int:
             if not missing:
                 continue
             with transaction.atomic():
-                audit_chain_lock()
-                # The spend as of now, under the chain lock (settlements take it too).
+                budget_ledger_lock()
+                # The spend as of now, under the ledger's lock (settlements take it too).
                 spent = BudgetSpend.objects.filter(budget_id=budget.id, period_start=starts[budget.id]) \
                     .values_list("spent_usd", flat=True).first() or Decimal("0")
                 reached = set(thresholds_reached(budget.limit_usd, thresholds, spent))
@@ -253,7 +253,7 @@ def alert_retry_countdown(attempts: int) -> float:
 def alert_delivery_attempt(*, delivery_id: int) -> Attempt:
     """Try a pending delivery once and record the outcome: sent, failed (retry later), or dead
     (out of retries, or a permanent failure: audited as a dead letter)."""
-    from governance.audit import audit_chain_lock, audit_record
+    from governance.audit import audit_record
 
     delivery = (AlertDelivery.objects.select_related("alert__budget__api_key", "alert__budget__agent")
                 .filter(pk=delivery_id).first())
@@ -271,7 +271,6 @@ def alert_delivery_attempt(*, delivery_id: int) -> Attempt:
         now = timezone.now()
         if exc.permanent or attempts > settings.BUDGET_ALERT_MAX_RETRIES:
             with transaction.atomic():
-                audit_chain_lock()
                 changed = AlertDelivery.objects.filter(pk=delivery_id, status=AlertDelivery.Status.PENDING).update(
                     status=AlertDelivery.Status.DEAD, attempts=attempts, last_error=error, updated_at=now)
                 if changed:
@@ -374,10 +373,9 @@ def _send_email(delivery: AlertDelivery) -> None:
 
 def alert_deliveries_retry(*, ids: Iterable[int], actor: str) -> int:
     """Send dead deliveries again from their first attempt (the admin's retry action)."""
-    from governance.audit import audit_chain_lock, audit_record
+    from governance.audit import audit_record
 
     with transaction.atomic():
-        audit_chain_lock()
         dead = list(AlertDelivery.objects.select_for_update().filter(id__in=list(ids),
                                                                      status=AlertDelivery.Status.DEAD))
         if not dead:

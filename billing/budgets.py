@@ -50,7 +50,7 @@ from typing import Any, Iterable
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
@@ -73,6 +73,8 @@ PROMPT_MARGIN_RATIO = Decimal("1.10")
 BUDGETS_CACHE_KEY = "billing:budgets"
 BUDGETS_CACHE_SECONDS = 30
 DEFAULT_ALERT_THRESHOLDS = [50, 75, 90, 100]
+# PostgreSQL advisory lock key of the budget ledger ("budgetl" in ASCII): see budget_ledger_lock.
+BUDGET_LEDGER_LOCK = 0x6275646765746C
 
 
 class BudgetExceeded(PlatformError):
@@ -264,20 +266,31 @@ def budget_reserve(*, key_id: int | None, agent_id: int | None, amount: Decimal,
     return Reservation(spend_ids=ids, amount=amount, alert_limits=limits)
 
 
+def budget_ledger_lock() -> None:
+    """Take the budget ledger's lock for the rest of the transaction (PostgreSQL; SQLite's
+    IMMEDIATE transactions already serialize writers). Every transaction that changes spend rows
+    of several budgets together takes it before the first row: settlements, the rollover's
+    release, the alert scan's firing.
+
+    Why: settlements run inside write_db's group commit, several turns' settlements in one
+    transaction, each locking its budgets' rows (by id). Two workers' batches that lock rows 3
+    then 5 and 5 then 3 (turns in another order) deadlock. The lock makes batches that settle
+    take their rows one batch after the other; they wait no longer than they would anyway for a
+    row both touch (a global budget's row is in every settlement). Batches without budgets never
+    take it. (Until the audit chain was sequenced off the request path, the chain's lock, held
+    by every audited transaction, gave this order.)"""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [BUDGET_LEDGER_LOCK])
+
+
 def budget_settle(*, reservation: Reservation, actual_usd: Decimal | None) -> None:
     """Turn a reservation into spend: reserved -= the reservation, spent += the actual cost."""
-    from governance.audit import audit_chain_lock
-
     actual = Decimal(actual_usd or 0).quantize(CENT_FRACTION, rounding=ROUND_CEILING)
     with transaction.atomic():
-        # Lock order. Settlements run inside write_db's group commit, whose transaction also
-        # appends audit entries under the audit chain's advisory lock (PostgreSQL). A batch that
-        # locked a budget row and then waited for the chain lock, against another worker's batch
-        # holding the chain lock and waiting for the row, deadlocked (seen with two workers).
-        # Taking the chain lock first (held to commit anyway by every batch that audits a turn)
-        # gives every group commit the same order: chain, then budget rows by id. Reservations
-        # lock only budget rows and wait for nothing else while holding them.
-        audit_chain_lock()
+        # Lock order: the ledger, then budget rows by id (budget_ledger_lock). Reservations lock
+        # only budget rows and wait for nothing else while holding them.
+        budget_ledger_lock()
         rows = list(BudgetSpend.objects.select_for_update().filter(id__in=reservation.spend_ids).order_by("id"))
         limits = {spend_id: (limit, thresholds) for spend_id, limit, thresholds in reservation.alert_limits}
         crossed = []

@@ -19,7 +19,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from .budgets import current_period_q, period_start
+from .budgets import budget_ledger_lock, current_period_q, period_start
 from .models import Budget, BudgetSpend
 
 
@@ -54,7 +54,7 @@ def _create_current_rows(now: datetime) -> int:
 
 
 def _release_stale(now: datetime) -> int:
-    from governance.audit import audit_chain_lock, audit_record
+    from governance.audit import audit_record
 
     cutoff = now - timedelta(seconds=settings.BUDGET_STALE_RESERVATION_SECONDS)
     candidates = BudgetSpend.objects.filter(reserved_usd__gt=0, updated_at__lt=cutoff).select_related("budget")
@@ -62,7 +62,7 @@ def _release_stale(now: datetime) -> int:
     if not stale:
         return 0
     with transaction.atomic():
-        audit_chain_lock()  # the order budget_settle takes: chain, then budget rows by id
+        budget_ledger_lock()  # the order budget_settle takes: ledger, then budget rows by id
         rows = list(BudgetSpend.objects.select_for_update(of=("self",)).select_related("budget")
                     .filter(id__in=stale, reserved_usd__gt=0, updated_at__lt=cutoff).order_by("id"))
         released = []

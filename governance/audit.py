@@ -1,30 +1,51 @@
 """The audit log: append-only, hash-chained, verifiable.
 
 Appending. `audit_record(...)` is the only way in. It masks the details
-(governance.masking.mask_data), caps them at DETAILS_MAX_BYTES, reads the chain's head, and
-inserts one row whose `hash` is sha256 over a canonical JSON of the row and the previous
-row's hash (`entry_hash`). Call it inside the transaction of the change it records, so the
-change and its audit row commit together or not at all ("actions own the audit trail");
-it opens its own transaction when there is none.
+(governance.masking.mask_data), caps them at DETAILS_MAX_BYTES and inserts one row. Call it
+inside the transaction of the change it records, so the change and its audit row commit
+together or not at all ("actions own the audit trail"); it opens its own transaction when there
+is none.
 
-Serialized appends. Two appenders must never read the same head, or the chain forks. On
-PostgreSQL each append takes `pg_advisory_xact_lock(AUDIT_CHAIN_LOCK)` before reading the
-head; the lock is held until the appender's transaction ends, so the next appender reads the
-committed head. On SQLite writers are serialized by the database itself: transactions begin
-IMMEDIATE (settings: transaction_mode), i.e. take the write lock before the first read, and
-even a DEFERRED transaction would fail to commit rather than fork (SQLite is serializable).
-The price on PostgreSQL: audited transactions are serialized from their first append to
-their commit. Appends are short (one head read on the primary key index, one insert) and
-the run path group-commits, so many runs share one lock hold.
+The chain. Every entry has a place `seq` (1, 2, 3, ... without holes) and a `hash`: sha256 over
+a canonical JSON of its fields and the previous entry's hash (`entry_hash`; `prev_hash` keeps
+that previous hash). Who gives an entry its place depends on the database:
+
+* PostgreSQL: the sequencer, off the request path. audit_record inserts the row without seq,
+  prev_hash and hash, and takes no lock: concurrent workers' transactions never wait for one
+  another to append (they used to: one advisory lock from the first append to the commit
+  serialized every audited transaction of every worker, measured by bench/audit_bench.py).
+  `audit_chain_sequence()` then takes the chain's lock (pg_try_advisory_xact_lock: one
+  sequencer at a time, any number may try), reads the head (the entry with the highest seq)
+  and chains up to `limit` committed unchained entries in id order, in one transaction: their
+  hashes are computed from the values as stored, so verification recomputes exactly them.
+  Entries of transactions still open are not visible to it and get their place in a later
+  batch, after entries committed before them: the chain's order is the order in which entries
+  were sequenced, not necessarily of their ids or timestamps. It runs in a loop
+  (`manage.py audit_sequencer`, started by scripts/prod.sh; every AUDIT_SEQUENCER_INTERVAL_SECONDS),
+  from beat every minute as a backstop, and before every verification. Each batch publishes
+  the new head (seq and hash) in the log, line "audit chain head": keep those lines outside
+  the database and any of them is an anchor for `verify_audit_log --anchor`.
+* SQLite: in the transaction that appends, as before. Writers are serialized by the database
+  itself: transactions begin IMMEDIATE (settings: transaction_mode), i.e. take the write lock
+  before the first read, so no two appenders read the same head; nothing is gained by deferring.
+
+Tamper evidence is what it was. An entry's content is fixed from its insert: on PostgreSQL the
+trigger (migrations 0003, 0006) refuses every UPDATE and DELETE except the sequencer's one
+update of an unchained entry, which sets seq, prev_hash and hash once and must leave every
+other column as it is. Once chained, an altered, removed or reordered entry breaks the chain;
+removing the newest entries is noticed against an anchor (a head published earlier). An entry
+not yet chained (at most a sequencer interval old) is protected by the trigger alone; removing
+it by going around the trigger (the table owner disabling it) is the same as removing the
+newest entries of the chain, which an anchor taken before cannot show either.
 
 Cheap on the request path, nothing lost on a crash. AuditStage.persist writes the
 "request.served" entry inside the transaction that stores the run (agents.pipeline:
-agentplatform.db.write_db group-commits finished runs, each in a savepoint). The entry costs
-three statements inside a commit the run pays for anyway, no extra fsync and no extra round
-trip for the client; and it is durable exactly when the run is: both commit or neither does,
-so a crash can lose neither one without the other. Refused turns (rate limit, guards, budget)
-have no run: `AuditStage.refused` appends through write_db as well, awaited, so the refusal is
-on disk before the error reaches the client.
+agentplatform.db.write_db group-commits finished runs, each in a savepoint): one INSERT inside a
+commit the run pays for anyway, no lock, no extra fsync and no extra round trip for the client;
+and it is durable exactly when the run is. A crash between commit and sequencing loses nothing:
+the sequencer chains what is committed whenever it next runs. Refused turns (rate limit, guards,
+budget) have no run: `AuditStage.refused` appends through write_db as well, awaited, so the
+refusal is on disk before the error reaches the client.
 
 Append-only. The model refuses updates and deletes: a pre_save receiver refuses any save that
 is not audit_record's insert (an existing row, a primary key set by hand, a direct
@@ -78,8 +99,10 @@ GENESIS_HASH = "0" * 64
 DETAILS_MAX_BYTES = 8 * 1024
 # Strings inside oversized details are cut to this length first.
 DETAILS_MAX_STRING = 512
-# PostgreSQL advisory lock key serializing appends: "auditlg" in ASCII, unlikely to collide.
+# PostgreSQL advisory lock key of the sequencer: "auditlg" in ASCII, unlikely to collide.
 AUDIT_CHAIN_LOCK = 0x61756469746C67
+# Entries the sequencer chains in one transaction at most.
+SEQUENCE_BATCH = 1000
 
 _MAX_LENGTHS = {f.name: f.max_length for f in AuditLog._meta.concrete_fields if getattr(f, "max_length", None)}
 
@@ -225,33 +248,49 @@ def _clean_ip(value: str | None) -> str | None:
 # --- appending ---------------------------------------------------------------------------
 
 
-def audit_chain_lock() -> None:
-    """Take the chain's lock for the rest of the transaction (PostgreSQL; SQLite's IMMEDIATE
-    transactions already serialize writers). Code that also locks other rows in a transaction
-    that appends (budgets) takes this first, so every such transaction locks in one order."""
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
+def _sequenced() -> bool:
+    """Whether appends leave chaining to the sequencer (PostgreSQL) or chain at once (SQLite)."""
+    return connection.vendor == "postgresql"
+
+
+def audit_chain_lock(*, wait: bool = True) -> bool:
+    """Take the sequencer's lock for the rest of the transaction (PostgreSQL; SQLite's IMMEDIATE
+    transactions already serialize writers). With `wait=False`, True only if it was free.
+    Appends do not take it: no transaction outside the sequencer needs it, for order or else."""
+    if connection.vendor != "postgresql":
+        return True
+    with connection.cursor() as cursor:
+        if wait:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [AUDIT_CHAIN_LOCK])
+            return True
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [AUDIT_CHAIN_LOCK])
+        return bool(cursor.fetchone()[0])
 
 
-def audit_head() -> str:
-    """The hash of the newest entry (GENESIS_HASH for an empty log)."""
+def _head() -> tuple[int, str]:
     with connection.cursor() as cursor:
         cursor.execute(_HEAD_SQL)
         row = cursor.fetchone()
-    return row[0] if row else GENESIS_HASH
+    return (row[0], row[1]) if row else (0, GENESIS_HASH)
+
+
+def audit_head() -> str:
+    """The hash of the newest chained entry (GENESIS_HASH for an empty chain)."""
+    return _head()[1]
 
 
 # The append is on the request path (one per served request), so it skips the ORM's per-save
-# machinery: one indexed read of the head and one INSERT, values prepared by the model's own
-# fields (get_db_prep_save), so they are stored exactly as the ORM would store them.
+# machinery: one INSERT (on SQLite also one indexed read of the head), values prepared by the
+# model's own fields (get_db_prep_save), so they are stored exactly as the ORM would store them.
 _TABLE = AuditLog._meta.db_table
-_HEAD_SQL = f"SELECT hash FROM {_TABLE} ORDER BY id DESC LIMIT 1"
-_COLUMNS = ("timestamp", "actor", "action", "target", "request_id", "client_ip", "outcome", "details", "prev_hash",
-            "hash")
+_HEAD_SQL = f"SELECT seq, hash FROM {_TABLE} WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1"
+_COLUMNS = ("timestamp", "actor", "action", "target", "request_id", "client_ip", "outcome", "details", "seq",
+            "prev_hash", "hash")
 _FIELDS = [AuditLog._meta.get_field(name) for name in _COLUMNS]
 _INSERT_SQL = (f"INSERT INTO {_TABLE} ({', '.join(f.column for f in _FIELDS)}) "
                f"VALUES ({', '.join(['%s'] * len(_FIELDS))})")
+_CONTENT = ("id", "timestamp", "actor", "action", "target", "request_id", "client_ip", "outcome", "details")
+_CHAIN_SQL = f"UPDATE {_TABLE} SET seq = %s, prev_hash = %s, hash = %s WHERE id = %s AND seq IS NULL"
 
 
 def _insert(entry: AuditLog) -> None:
@@ -267,9 +306,16 @@ def _insert(entry: AuditLog) -> None:
     entry._state.db = connection.alias
 
 
+def _hash_of(prev_hash: str, timestamp, actor, action, target, request_id, client_ip, outcome, details) -> str:
+    return entry_hash(prev_hash=prev_hash, timestamp=timestamp, actor=actor, action=action, target=target,
+                      request_id=request_id, client_ip=client_ip, outcome=outcome, details=details)
+
+
 def audit_record(*, actor: str, action: str, target: str = "", outcome: str = "success", details: dict | None = None,
                  request_id: str = "", client_ip: str | None = None) -> AuditLog:
-    """Append one entry (sync; call inside the transaction of the change it records)."""
+    """Append one entry (sync; call inside the transaction of the change it records). On
+    PostgreSQL it is chained by the sequencer once committed: seq, prev_hash and hash are None
+    on the returned entry."""
     if outcome not in AuditLog.Outcome.values:
         raise ValueError(f"outcome must be one of {AuditLog.Outcome.values}, not {outcome!r}")
     entry = AuditLog(
@@ -283,15 +329,50 @@ def audit_record(*, actor: str, action: str, target: str = "", outcome: str = "s
     )
     # No savepoint of its own: if the insert fails, the change it records must roll back too.
     with transaction.atomic(savepoint=False):
-        audit_chain_lock()
-        entry.prev_hash = audit_head()
-        # Taken under the lock: timestamps never go backwards along the chain.
         entry.timestamp = timezone.now()
-        entry.hash = entry_hash(prev_hash=entry.prev_hash, timestamp=entry.timestamp, actor=entry.actor,
-                                action=entry.action, target=entry.target, request_id=entry.request_id,
-                                client_ip=entry.client_ip, outcome=entry.outcome, details=entry.details)
+        if not _sequenced():
+            # SQLite: this transaction holds the database's write lock; chain at once.
+            seq, entry.prev_hash = _head()
+            entry.seq = seq + 1
+            entry.hash = _hash_of(entry.prev_hash, entry.timestamp, entry.actor, entry.action, entry.target,
+                                  entry.request_id, entry.client_ip, entry.outcome, entry.details)
         _insert(entry)
     return entry
+
+
+def audit_chain_sequence(*, limit: int = SEQUENCE_BATCH, wait: bool = False) -> int:
+    """Chain up to `limit` committed unchained entries (the sequencer's step; sync, in a
+    transaction of its own). Returns how many; 0 when there were none, or when another
+    sequencer holds the lock and `wait` is False."""
+    with transaction.atomic():
+        if not audit_chain_lock(wait=wait):
+            return 0
+        seq, prev_hash = _head()
+        # Read as verification reads them (values_list: the same conversions from the database).
+        rows = list(AuditLog.objects.filter(seq__isnull=True).order_by("id").values_list(*_CONTENT)[:limit])
+        if not rows:
+            return 0
+        updates = []
+        for values in rows:
+            seq += 1
+            hash_ = _hash_of(prev_hash, *values[1:])
+            updates.append((seq, prev_hash, hash_, values[0]))
+            prev_hash = hash_
+        with connection.cursor() as cursor:
+            cursor.executemany(_CHAIN_SQL, updates)
+    logger.info("audit chain head seq=%d hash=%s (%d entries chained)", seq, prev_hash, len(updates))
+    return len(updates)
+
+
+def audit_chain_sequence_all() -> int:
+    """Chain every entry committed so far, waiting for a running sequencer (verification,
+    tests, the beat backstop). Returns how many were chained."""
+    total = 0
+    while True:
+        done = audit_chain_sequence(wait=True)
+        total += done
+        if done < SEQUENCE_BATCH:
+            return total
 
 
 def _refuse_save(sender, instance: AuditLog, **kwargs: Any) -> None:
@@ -447,45 +528,54 @@ class ChainReport:
     head: str | None
     broken: ChainBreak | None
     anchor_found: bool | None = None
+    # Entries committed but not chained yet (PostgreSQL, between two sequencer runs).
+    pending: int = 0
 
     @property
     def ok(self) -> bool:
         return self.broken is None and self.anchor_found is not False
 
 
-_VERIFY_FIELDS = ("id", "prev_hash", "hash", "timestamp", "actor", "action", "target", "request_id", "client_ip",
-                  "outcome", "details")
+_VERIFY_FIELDS = ("id", "seq", "prev_hash", "hash", "timestamp", "actor", "action", "target", "request_id",
+                  "client_ip", "outcome", "details")
 
 
 def audit_chain_verify(*, chunk_size: int = 2000, anchor: str | None = None,
                        progress: Callable[[int], None] | None = None, progress_every: int = 10_000) -> ChainReport:
-    """Walk the log in id order and check every entry's hash and its link to the one before.
+    """Walk the chain in seq order and check every entry's hash and its link to the one before.
 
-    Stops at the first broken entry. `anchor`: a head hash recorded earlier; the report says
-    whether it is still in the chain (the newest entries cannot be removed unnoticed then).
+    Stops at the first broken entry. Places have no holes (1, 2, 3, ...), so a missing place is
+    a removed entry, exactly. `anchor`: a head hash recorded earlier; the report says whether it
+    is still in the chain (the newest entries cannot be removed unnoticed then). Entries not
+    chained yet are counted in `pending` (run audit_chain_sequence_all() first to have none).
     """
     expected_prev = GENESIS_HASH
     prev_id: int | None = None
+    prev_seq = 0
     count = 0
     anchor_found = False
-    rows = AuditLog.objects.order_by("id").values_list(*_VERIFY_FIELDS).iterator(chunk_size=chunk_size)
-    for id_, prev_hash, hash_, timestamp, actor, action, target, request_id, client_ip, outcome, details in rows:
-        computed = entry_hash(prev_hash=prev_hash, timestamp=timestamp, actor=actor, action=action, target=target,
-                              request_id=request_id, client_ip=client_ip, outcome=outcome, details=details)
+    chained = AuditLog.objects.filter(seq__isnull=False).order_by("seq")
+    rows = chained.values_list(*_VERIFY_FIELDS).iterator(chunk_size=chunk_size)
+    for id_, seq, prev_hash, hash_, timestamp, actor, action, target, request_id, client_ip, outcome, details in rows:
+        computed = entry_hash(prev_hash=prev_hash or "", timestamp=timestamp, actor=actor, action=action,
+                              target=target, request_id=request_id, client_ip=client_ip, outcome=outcome,
+                              details=details)
         broken = None
         if computed != hash_:
             broken = ChainBreak(id_, "hash_mismatch",
                                 f"entry {id_}: hash mismatch, its stored hash does not match its contents "
                                 "(the entry was altered)")
+        elif seq != prev_seq + 1:
+            if prev_id is None:
+                broken = ChainBreak(id_, "gap", f"entry {id_}: gap, it is not the start of the chain "
+                                                "(entries before it were removed)")
+            else:
+                broken = ChainBreak(id_, "gap", f"entry {id_}: gap, it does not follow entry {prev_id} "
+                                                f"(entries between {prev_id} and {id_} were removed)")
         elif prev_hash != expected_prev:
             if prev_id is None:
                 broken = ChainBreak(id_, "gap", f"entry {id_}: gap, its prev_hash does not link to the start of "
                                                 "the chain (entries before it were removed)")
-            elif id_ != prev_id + 1:
-                # Ids alone prove nothing (PostgreSQL skips the ids of rolled-back inserts), but
-                # a broken link across skipped ids is most likely rows removed there.
-                broken = ChainBreak(id_, "gap", f"entry {id_}: gap, it does not link to entry {prev_id} "
-                                                f"(entries between {prev_id} and {id_} were removed)")
             else:
                 broken = ChainBreak(id_, "prev_hash_mismatch",
                                     f"entry {id_}: prev_hash mismatch, it does not link to entry {prev_id} "
@@ -494,12 +584,13 @@ def audit_chain_verify(*, chunk_size: int = 2000, anchor: str | None = None,
             return ChainReport(count=count, head=expected_prev if prev_id is not None else None, broken=broken,
                                anchor_found=None if anchor is None else anchor_found)
         count += 1
-        expected_prev, prev_id = hash_, id_
+        expected_prev, prev_id, prev_seq = hash_, id_, seq
         anchor_found = anchor_found or hash_ == anchor
         if progress is not None and count % progress_every == 0:
             progress(count)
     return ChainReport(count=count, head=expected_prev if prev_id is not None else None, broken=None,
-                       anchor_found=None if anchor is None else anchor_found)
+                       anchor_found=None if anchor is None else anchor_found,
+                       pending=AuditLog.objects.filter(seq__isnull=True).count())
 
 
 # Configuration-change receivers (agents, skills, feature flags).

@@ -28,6 +28,7 @@ import threading
 import time
 
 from django.core.cache import cache
+from django.db import connection
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
@@ -95,7 +96,13 @@ def _claim_minute(prefix: str) -> bool:
 
 
 def _stamp(key_id: int) -> None:
-    ApiKey.objects.filter(pk=key_id).update(last_used_at=timezone.now())
+    rows = ApiKey.objects.filter(pk=key_id)
+    if connection.in_atomic_block:
+        # Inside a run's group commit: SKIP LOCKED, a row locked by a change of keys
+        # (governance.services._lock) is not waited for while the batch holds other rows; that
+        # minute's stamp is lost, as when the run's transaction rolls back.
+        rows = ApiKey.objects.filter(pk__in=rows.select_for_update(no_key=True, skip_locked=True).values("pk"))
+    rows.update(last_used_at=timezone.now())
 
 
 def key_used(principal: Principal | None) -> None:

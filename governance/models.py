@@ -91,13 +91,18 @@ class AuditLog(models.Model):
     outcome = models.CharField(max_length=16, choices=Outcome.choices, default=Outcome.SUCCESS)
     # Masked (governance.masking) before it is stored.
     details = models.JSONField(default=dict, blank=True)
-    prev_hash = models.CharField(max_length=64, editable=False)
-    hash = models.CharField(max_length=64, unique=True, editable=False)
+    # The entry's place in the chain and its hash; on PostgreSQL empty until the sequencer
+    # chains the entry (governance.audit), then never changed.
+    seq = models.BigIntegerField(null=True, blank=True, unique=True, editable=False)
+    prev_hash = models.CharField(max_length=64, null=True, blank=True, editable=False)
+    hash = models.CharField(max_length=64, null=True, blank=True, unique=True, editable=False)
 
     objects = AuditLogQuerySet.as_manager()
 
     class Meta:
         ordering = ["-id"]
+        # The sequencer's scan: the entries still to chain, in id order.
+        indexes = [models.Index(fields=["id"], name="auditlog_unchained", condition=models.Q(seq__isnull=True))]
         verbose_name = "audit log entry"
         verbose_name_plural = "audit log"
 

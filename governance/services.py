@@ -33,7 +33,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from agentplatform.errors import Conflict, InvalidRequest
@@ -163,6 +163,16 @@ def _skills_named(names: list[str] | None) -> list[str]:
     return sorted(set(names))
 
 
+# PostgreSQL advisory lock key of key changes ("apikeys" in ASCII).
+API_KEY_CHANGES_LOCK = 0x6170696B657973
+
+
+def _key_changes_lock() -> None:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [API_KEY_CHANGES_LOCK])
+
+
 def _is_active_admin(key: ApiKey) -> bool:
     return key.role == ApiKey.Role.ADMIN and api_key_status(key) == "active"
 
@@ -170,18 +180,15 @@ def _is_active_admin(key: ApiKey) -> bool:
 def _lock(api_key: ApiKey, *, protect_last_admin: bool) -> tuple[ApiKey, bool]:
     """The key's row, locked, and whether another active admin key exists (True when not protecting).
 
-    Lock order, the one every audited transaction keeps (governance.audit.audit_chain_lock): the
-    audit chain's lock first, then rows. Every change of a key appends an audit entry and so holds
-    the chain lock to its commit anyway; taking it first serializes changes of keys, so two
-    requests that each take away an admin key (their own, or each other's) run one after the
-    other and the second reads what the first committed. The rows are then locked FOR NO KEY
-    UPDATE: runs, sessions and idempotency records that reference a key share its row (FOR KEY
-    SHARE, before the run's transaction takes the chain lock), which must not wait for us nor we
-    for them; the last_used_at stamps, which we must wait for, come after the chain lock.
+    Lock order: the key changes' advisory lock first, then rows. The lock serializes changes of
+    keys, so two requests that each take away an admin key (their own, or each other's) run one
+    after the other and the second reads what the first committed. The rows are then locked FOR
+    NO KEY UPDATE: runs, sessions and idempotency records that reference a key share its row
+    (FOR KEY SHARE), which must not wait for us nor we for them; the last_used_at stamps of the
+    run path skip a row locked here rather than wait (governance.keys), so a group commit that
+    stamps several keys never holds one we want while waiting for one we hold.
     """
-    from .audit import audit_chain_lock
-
-    audit_chain_lock()
+    _key_changes_lock()
     keys = ApiKey.objects.select_for_update(no_key=True)
     another_admin = True
     if protect_last_admin:

@@ -35,36 +35,10 @@ export DEBUG="${DEBUG:-false}"
 export PYTHONUNBUFFERED=1
 
 VAR_PATH="${VAR_DIR:-$ROOT/var}"
-SECRET_FILE=""
-if [[ -z "${SECRET_KEY:-}" ]]; then
-    SECRET_FILE="$VAR_PATH/secret_key"
-    if [[ ! -s "$SECRET_FILE" ]]; then
-        mkdir -p "$VAR_PATH"
-        (
-            umask 077
-            "$VPY" -c 'import secrets; print(secrets.token_urlsafe(50))' >"$SECRET_FILE.tmp"
-            mv "$SECRET_FILE.tmp" "$SECRET_FILE"
-        )
-        say "Generated a SECRET_KEY into ${SECRET_FILE#"$ROOT"/} (keep it: sessions are signed with it)"
-    fi
-    chmod 600 "$SECRET_FILE"
-    SECRET_KEY="$(tr -d '\r\n' <"$SECRET_FILE")"
-    export SECRET_KEY
-fi
-
-# Fail now, not after the migrations, if the address is taken.
-"$VPY" - "$HOST" "$PORT" <<'EOF' || exit 1
-import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-family = socket.AF_INET6 if ":" in host else socket.AF_INET
-with socket.socket(family, socket.SOCK_STREAM) as s:
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind((host, port))
-    except OSError as exc:
-        sys.exit(f"\nERROR: cannot listen on {host}:{port} ({exc.strerror}). Is it running already? "
-                 "Pick another port with PORT=8001 ./scripts/run.sh")
-EOF
+# shellcheck source=scripts/_env.sh
+source "$ROOT/scripts/_env.sh"
+ensure_secret_key
+check_port "$HOST" "$PORT" ./scripts/run.sh
 
 # --- Database and demo data ----------------------------------------------------------------
 say "Migrating the database"

@@ -29,6 +29,8 @@ from governance.audit import (
     AuditedAdminMixin,
     AuditLogAppendOnly,
     audit_actor,
+    audit_chain_sequence,
+    audit_chain_sequence_all,
     audit_record,
     entry_hash,
 )
@@ -69,12 +71,17 @@ def tamper(sql: str, params: list) -> None:
 
 
 def chain() -> list[AuditLog]:
-    return list(AuditLog.objects.order_by("id"))
+    """Every entry in chain order, after the sequencer chained what was committed (PostgreSQL)."""
+    audit_chain_sequence_all()
+    return list(AuditLog.objects.order_by("seq"))
 
 
 def record_some(n: int = 5) -> list[AuditLog]:
-    return [audit_record(actor=f"key:abc{i}", action="test.event", target=f"thing:{i}", request_id=f"req-{i}",
-                         client_ip="203.0.113.7", details={"i": i, "note": "x" * i}) for i in range(n)]
+    """n entries, chained (as the sequencer leaves them), read back."""
+    ids = [audit_record(actor=f"key:abc{i}", action="test.event", target=f"thing:{i}", request_id=f"req-{i}",
+                        client_ip="203.0.113.7", details={"i": i, "note": "x" * i}).pk for i in range(n)]
+    by_id = {e.pk: e for e in chain()}
+    return [by_id[i] for i in ids]
 
 
 # --- the chain ----------------------------------------------------------------------------
@@ -97,7 +104,7 @@ def test_it_chains_entries_and_verifies_them():
     assert stored[2].client_ip == "203.0.113.7" and stored[2].outcome == AuditLog.Outcome.SUCCESS
     assert verify() == f"Audit log intact: 5 entries, head {stored[-1].hash}.\n"
     assert json.loads(verify("--json")) == {"ok": True, "count": 5, "head": stored[-1].hash, "broken": None,
-                                            "anchor_found": None}
+                                            "anchor_found": None, "pending": 0}
 
 
 @pytest.mark.django_db
@@ -528,3 +535,232 @@ def test_staff_without_permission_cannot_see_the_log(client):
     client.force_login(staff)
 
     assert client.get(reverse("admin:governance_auditlog_changelist")).status_code == 403
+
+
+# --- the sequencer (PostgreSQL: entries are chained off the request path) -------------------
+
+on_postgresql = [pytest.mark.postgres,
+                 pytest.mark.skipif(not ON_POSTGRESQL, reason="needs DATABASE_URL pointing at PostgreSQL")]
+
+
+def _in_thread(fn, *args) -> threading.Thread:
+    def run() -> None:
+        try:
+            fn(*args)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.django_db
+@on_postgresql[0]
+@on_postgresql[1]
+def test_appends_wait_for_the_sequencer_on_postgresql():
+    entries = [audit_record(actor="system", action="test.pending", details={"i": i}) for i in range(3)]
+
+    assert all(e.seq is None and e.hash is None and e.prev_hash is None for e in entries)
+    pending = json.loads(verify("--json", "--no-sequence"))
+    assert (pending["ok"], pending["count"], pending["pending"], pending["head"]) == (True, 0, 3, None)
+
+    assert audit_chain_sequence() == 3
+    assert audit_chain_sequence() == 0
+    stored = list(AuditLog.objects.order_by("seq"))
+    assert [(e.pk, e.seq) for e in stored] == [(e.pk, i + 1) for i, e in enumerate(entries)]
+    assert stored[0].prev_hash == GENESIS_HASH and stored[1].prev_hash == stored[0].hash
+    assert json.loads(verify("--json", "--no-sequence"))["pending"] == 0
+    assert verify() == f"Audit log intact: 3 entries, head {stored[-1].hash}.\n"
+
+
+@pytest.mark.django_db
+@on_postgresql[0]
+@on_postgresql[1]
+def test_verify_chains_what_is_committed_first():
+    audit_record(actor="system", action="test.pending")
+    audit_record(actor="system", action="test.pending")
+
+    report = json.loads(verify("--json"))
+
+    assert (report["ok"], report["count"], report["pending"]) == (True, 2, 0)
+
+
+@pytest.mark.django_db
+@on_postgresql[0]
+@on_postgresql[1]
+@pytest.mark.parametrize("sql", [
+    # Content of an entry not chained yet: refused like any other change.
+    "UPDATE governance_auditlog SET details = '{}' WHERE id = %s",
+    # The chain columns together with content: refused.
+    "UPDATE governance_auditlog SET seq = 1, prev_hash = repeat('0', 64), hash = repeat('a', 64), actor = 'x' "
+    "WHERE id = %s",
+    # Only some of the chain columns: refused.
+    "UPDATE governance_auditlog SET hash = repeat('a', 64) WHERE id = %s",
+    "DELETE FROM governance_auditlog WHERE id = %s",
+])
+def test_the_trigger_refuses_changes_of_unchained_entries(sql):
+    entry = audit_record(actor="system", action="test.pending")
+
+    with pytest.raises(DatabaseError, match="append-only"):
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(sql, [entry.pk])
+
+
+@pytest.mark.django_db
+@on_postgresql[0]
+@on_postgresql[1]
+def test_the_trigger_refuses_to_chain_an_entry_twice():
+    entry = record_some(1)[0]
+
+    with pytest.raises(DatabaseError, match="append-only"):
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("UPDATE governance_auditlog SET seq = 7, prev_hash = %s, hash = %s WHERE id = %s",
+                           [GENESIS_HASH, "b" * 64, entry.pk])
+    assert AuditLog.objects.get(pk=entry.pk).seq == 1
+
+
+@pytest.mark.django_db(transaction=True)
+@on_postgresql[0]
+@on_postgresql[1]
+def test_appends_of_open_transactions_do_not_wait_for_each_other():
+    # Before the sequencer, every append took one advisory lock held to its transaction's end:
+    # the second appender waited for the first to commit.
+    holding, release = threading.Event(), threading.Event()
+
+    def slow_transaction() -> None:
+        with transaction.atomic():
+            audit_record(actor="system", action="test.slow")
+            holding.set()
+            release.wait(10)
+
+    thread = _in_thread(slow_transaction)
+    assert holding.wait(10)
+    started = threading.Event()
+
+    def quick() -> None:
+        started.set()
+        audit_record(actor="system", action="test.quick")
+
+    quick_thread = _in_thread(quick)
+    quick_thread.join(5)
+    try:
+        assert not quick_thread.is_alive(), "the second append waited for the first transaction"
+    finally:
+        release.set()
+        thread.join(10)
+        quick_thread.join(10)
+
+
+@pytest.mark.django_db(transaction=True)
+@on_postgresql[0]
+@on_postgresql[1]
+def test_an_entry_committed_late_is_chained_after_those_committed_before_it():
+    holding, release = threading.Event(), threading.Event()
+    late: list[int] = []
+
+    def late_transaction() -> None:
+        with transaction.atomic():
+            late.append(audit_record(actor="system", action="test.late").pk)
+            holding.set()
+            release.wait(10)
+
+    thread = _in_thread(late_transaction)
+    assert holding.wait(10)
+    early = audit_record(actor="system", action="test.early").pk
+    assert early > late[0]
+
+    assert audit_chain_sequence() == 1  # the committed one only; the open transaction's is not visible
+    release.set()
+    thread.join(10)
+    assert audit_chain_sequence() == 1
+
+    assert list(AuditLog.objects.order_by("seq").values_list("id", "seq")) == [(early, 1), (late[0], 2)]
+    report = json.loads(verify("--json"))
+    assert (report["ok"], report["count"]) == (True, 2)
+
+
+@pytest.mark.django_db(transaction=True)
+@on_postgresql[0]
+@on_postgresql[1]
+def test_one_sequencer_at_a_time():
+    audit_record(actor="system", action="test.pending")
+    holding, release = threading.Event(), threading.Event()
+
+    def other_sequencer() -> None:
+        from governance.audit import audit_chain_lock
+
+        with transaction.atomic():
+            audit_chain_lock()
+            holding.set()
+            release.wait(10)
+
+    thread = _in_thread(other_sequencer)
+    assert holding.wait(10)
+    try:
+        assert audit_chain_sequence() == 0  # the lock is taken: nothing done, nothing waited for
+    finally:
+        release.set()
+        thread.join(10)
+    assert audit_chain_sequence() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+@on_postgresql[0]
+@on_postgresql[1]
+def test_concurrent_writers_and_sequencers_on_postgresql_keep_one_exact_chain():
+    """4 writers appending in transactions that interleave (commits out of id order) while two
+    sequencers run: one chain, every entry in it once, places without holes, verify exact."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(6)
+    writing = [True]
+
+    def writer(worker: int) -> None:
+        try:
+            start.wait()
+            for i in range(15):
+                with transaction.atomic():
+                    audit_record(actor=f"key:w{worker}", action="test.concurrent", details={"i": i})
+                    if i % 3 == worker % 3:
+                        threading.Event().wait(0.005)  # hold the transaction open a little
+                    audit_record(actor=f"key:w{worker}", action="test.concurrent.second", details={"i": i})
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def sequencer() -> None:
+        try:
+            start.wait()
+            while writing[0]:
+                audit_chain_sequence(limit=7)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    writers = [_in_thread(writer, w) for w in range(4)]
+    sequencers = [_in_thread(sequencer), _in_thread(sequencer)]
+    for t in writers:
+        t.join(60)
+    writing[0] = False
+    for t in sequencers:
+        t.join(60)
+
+    assert errors == []
+    audit_chain_sequence_all()
+    stored = list(AuditLog.objects.order_by("seq"))
+    assert len(stored) == 120
+    assert [e.seq for e in stored] == list(range(1, 121))
+    assert len({e.prev_hash for e in stored}) == 120  # no fork
+    for before, after in zip(stored, stored[1:]):
+        assert after.prev_hash == before.hash
+    report = json.loads(verify("--json"))
+    assert (report["ok"], report["count"], report["pending"]) == (True, 120, 0)
+
+
+@pytest.mark.django_db
+def test_the_sequencer_command_chains_once():
+    audit_record(actor="system", action="test.pending")
+    out = io.StringIO()
+
+    call_command("audit_sequencer", "--once", stdout=out)
+
+    assert out.getvalue() == ("1 entries chained\n" if ON_POSTGRESQL else "0 entries chained\n")
+    assert not AuditLog.objects.filter(seq__isnull=True).exists()

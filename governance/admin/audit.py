@@ -27,7 +27,7 @@ class AuditLogAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     ordering = ["-id"]
     actions = None
     fields = ["id", "timestamp", "actor", "action", "target", "outcome", "request_id", "client_ip",
-              "details_pretty", "prev_hash", "hash"]
+              "details_pretty", "seq", "prev_hash", "hash"]
     readonly_fields = fields
 
     @admin.display(description="Details")
