@@ -19,8 +19,8 @@ gone (killed, crashed, its machine lost). For each, in one transaction:
   * its reservation settled: spent += that cost, the rest released — every budget period,
     `total` included (billing.budgets.budget_settle);
   * an audit entry `run.interrupted`.
-Lock order is the one every run write takes (governance.audit's chain, then rows): the chain
-lock first, then the run row with SKIP LOCKED, so a run being stored right now by a worker that
+Lock order: the budget ledger's lock (billing.budgets.budget_ledger_lock) first, then the run
+row with SKIP LOCKED, so a run being stored right now by a worker that
 is alive after all is left to that worker. The worker's own final write updates the row only
 while it is `running`, so a run is never settled twice.
 
@@ -188,13 +188,15 @@ def sweep_run(run_id, *, now: datetime | None = None, enqueue: bool = True) -> i
 
 
 def _sweep_one(run_id, now: datetime, *, enqueue: bool = True) -> int:
-    from billing.budgets import Reservation, budget_settle
+    from billing.budgets import Reservation, budget_ledger_lock, budget_settle
     from billing.models import UsageRecord
     from billing.pricing import call_cost, price_for
-    from governance.audit import audit_chain_lock, audit_record
+    from governance.audit import audit_record
 
     with transaction.atomic():
-        audit_chain_lock()
+        # The budget ledger first, as every settlement takes it, then the run row with SKIP
+        # LOCKED: a run its (live) worker is storing right now holds its row, and is left to it.
+        budget_ledger_lock()
         run = (Run.objects.select_for_update(skip_locked=True)
                .filter(pk=run_id, status=Run.Status.RUNNING, lease_expires_at__lt=now).first())
         if run is None:

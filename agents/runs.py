@@ -75,7 +75,7 @@ from agentplatform.webhooks import (
     webhook_outcome,
     webhook_signature,
 )
-from governance.audit import audit_chain_lock, audit_record
+from governance.audit import audit_record
 from governance.masking import mask_data, mask_text
 from governance.permissions import owned_by_key
 from governance.principal import Principal
@@ -212,7 +212,6 @@ def run_cancel(*, run_id: uuid.UUID, principal: Principal, request_id: str = "",
     asking its worker (it stops within RUN_CANCEL_POLL_SECONDS). A cancelled run: nothing again.
     Audited `run.cancelled` / `run.cancel_requested`."""
     with transaction.atomic():
-        audit_chain_lock()  # the lock order of every run write: the chain first, then the row
         run = _visible_runs(principal).select_for_update().filter(pk=run_id).first()
         if run is None:
             raise NotFound("No such run.", code="run_not_found")
@@ -526,7 +525,6 @@ def dead_letters_retry(*, ids: Iterable[int], actor: str) -> int:
     now = timezone.now()
     retried = 0
     with transaction.atomic():
-        audit_chain_lock()
         letters = list(DeadLetter.objects.select_for_update().filter(id__in=list(ids), retried_at__isnull=True))
         for letter in letters:
             if letter.task == RUN_TASK:
