@@ -21,3 +21,25 @@ def _worker_metrics_port(**kwargs) -> None:
 
     if settings.METRICS_PORT:
         metrics_port_serve(settings.METRICS_PORT)
+
+
+def task_enqueue(task, *, args: list) -> None:
+    """Send `task` to the broker: the one door for enqueues from the request path. While the
+    broker's Redis is down (agentplatform.cache's outage detector) it raises at once instead of
+    stalling on connection retries; a failure is reported to the detector. Callers log and rely on
+    the beat's backstops to enqueue again (agents.runs.runs_requeue_lost, the alert scan)."""
+    from .cache import redis_outage
+
+    url = str(app.conf.broker_url or "")
+    outage = redis_outage(url) if url.startswith(("redis://", "rediss://", "unix://")) else None
+    if outage is not None and outage.is_down():
+        raise ConnectionError(f"broker unavailable: {outage.status()['detail']}")
+    try:
+        # One quick retry, not kombu's default of three with back-off: the request waits on it.
+        task.apply_async(args=args, retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2})
+    except Exception as exc:
+        if outage is not None:
+            outage.failed("broker", exc)
+        raise
+    if outage is not None:
+        outage.ok()

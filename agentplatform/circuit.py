@@ -20,14 +20,14 @@ only by Lua scripts that read Redis' own clock (TIME), so the check-and-set of e
 is atomic across workers and their clocks do not matter; a set lists the circuits that are not
 closed, for /health/ready. Without Redis, the same machine in this process under a lock, tied
 to the Django cache by an epoch marker (clearing the cache resets it). If Redis fails, the
-process' own state takes over for REDIS_RETRY_SECONDS before Redis is tried again (logged once
-per outage): breakers then are per worker, never an error for the request. The happy path costs
+process' own state takes over while agentplatform.cache's outage detector says it is down
+(REDIS_RETRY_SECONDS before Redis is tried again; logged once per outage): breakers then are
+per worker, never an error for the request. The happy path costs
 one round trip per call (the acquire); a success writes only when there was something to clear.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -41,17 +41,13 @@ from django.core.cache import caches
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
-from .cache import redis_url
+from .cache import REDIS_ERRORS, async_redis, async_redis_script, redis_outage, redis_url
 from .metrics import circuit_seen
 
 logger = logging.getLogger("agentplatform.circuit")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 _STATES = {0: CLOSED, 1: OPEN, 2: HALF_OPEN}
-# After a Redis error, use the process' state this long before trying Redis again.
-REDIS_RETRY_SECONDS = 5.0
-# Redis calls are on the path of every model call: an outage must cost little.
-REDIS_TIMEOUT_SECONDS = 1.0
 # An open circuit nobody calls is forgotten after a day (a model no agent uses any more).
 OPEN_TTL_MS = 24 * 3600 * 1000
 
@@ -172,7 +168,7 @@ end
 return out
 """
 
-_clients: dict[tuple[int, str], Any] = {}
+_SCRIPTS = {"acquire": ACQUIRE_SCRIPT, "failure": FAILURE_SCRIPT, "success": SUCCESS_SCRIPT, "peek": PEEK_SCRIPT}
 
 
 def _key(name: str) -> str:
@@ -187,26 +183,11 @@ class RedisCircuits:
     def __init__(self, url: str) -> None:
         self.url = url
 
-    def _client(self) -> tuple[Any, dict[str, Any]]:
-        import redis.asyncio as aredis
-
-        # redis.asyncio connections belong to the loop that opened them: one client per loop.
-        ident = (id(asyncio.get_running_loop()), self.url)
-        found = _clients.get(ident)
-        if found is None:
-            client = aredis.from_url(self.url, socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
-                                     socket_timeout=REDIS_TIMEOUT_SECONDS)
-            scripts = {name: client.register_script(source) for name, source in (
-                ("acquire", ACQUIRE_SCRIPT), ("failure", FAILURE_SCRIPT), ("success", SUCCESS_SCRIPT),
-                ("peek", PEEK_SCRIPT))}
-            for old in [k for k in _clients if k[0] != ident[0]]:
-                del _clients[old]  # one loop per server process; forget clients of finished loops
-            found = _clients[ident] = (client, scripts)
-        return found
+    def _script(self, name: str) -> Any:
+        return async_redis_script(self.url, _SCRIPTS[name])
 
     async def acquire(self, name: str, lease_ms: int) -> Permit:
-        _, scripts = self._client()
-        allowed, s, n, until, now, probe = (int(v) for v in await scripts["acquire"](
+        allowed, s, n, until, now, probe = (int(v) for v in await self._script("acquire")(
             keys=[_key(name)], args=[lease_ms]))
         if allowed:
             return Permit(True, _STATES[s], n, probe=bool(probe))
@@ -214,26 +195,23 @@ class RedisCircuits:
 
     async def failure(self, name: str) -> bool:
         threshold, window, cooldown = _config()
-        _, scripts = self._client()
-        opened, *_ = await scripts["failure"](keys=[_key(name), _open_set_key()],
+        opened, *_ = await self._script("failure")(keys=[_key(name), _open_set_key()],
                                               args=[threshold, window, cooldown, name, OPEN_TTL_MS])
         return bool(int(opened))
 
     async def success(self, name: str) -> None:
-        _, scripts = self._client()
-        await scripts["success"](keys=[_key(name), _open_set_key()], args=[name])
+        await self._script("success")(keys=[_key(name), _open_set_key()], args=[name])
 
     async def states(self, names: list[str]) -> list[CircuitState]:
         if not names:
             return []
-        _, scripts = self._client()
-        raw = [int(v) for v in await scripts["peek"](keys=[_key(n) for n in names])]
+        raw = [int(v) for v in await self._script("peek")(keys=[_key(n) for n in names])]
         now = raw[0]
         return [_reported(name, max(0, raw[1 + 3 * i]), raw[2 + 3 * i], raw[3 + 3 * i], now)
                 for i, name in enumerate(names)]
 
     async def not_closed(self) -> list[CircuitState]:
-        client, _ = self._client()
+        client = async_redis(self.url)
         names = sorted(m.decode() if isinstance(m, bytes) else m for m in await client.smembers(_open_set_key()))
         found = await self.states(names)
         gone = [s.name for s in found if s.state == CLOSED]  # expired or closed meanwhile
@@ -330,15 +308,6 @@ class LocalCircuits:
 
 _store: RedisCircuits | LocalCircuits | None = None
 _fallback = LocalCircuits()
-_redis_down_until = 0.0
-
-_REDIS_ERRORS: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
-try:
-    from redis.exceptions import RedisError
-
-    _REDIS_ERRORS += (RedisError,)
-except ImportError:  # pragma: no cover - redis is a dependency
-    pass
 
 
 def _primary() -> RedisCircuits | LocalCircuits:
@@ -350,20 +319,20 @@ def _primary() -> RedisCircuits | LocalCircuits:
 
 
 async def _call(method: str, *args: Any) -> Any:
-    """`method` on the shared store; on the process' own state while Redis is failing."""
-    global _redis_down_until
+    """`method` on the shared store; on the process' own state while Redis is down
+    (agentplatform.cache's outage detector)."""
     store = _primary()
     if isinstance(store, RedisCircuits):
-        if time.monotonic() < _redis_down_until:
-            store = _fallback
-        else:
+        outage = redis_outage(store.url)
+        if not outage.is_down():
             try:
-                return await getattr(store, method)(*args)
-            except _REDIS_ERRORS:
-                logger.warning("Circuit breaker state in Redis is unavailable; each worker keeps its own "
-                               "for %.0f s", REDIS_RETRY_SECONDS, exc_info=True)
-                _redis_down_until = time.monotonic() + REDIS_RETRY_SECONDS
-                store = _fallback
+                result = await getattr(store, method)(*args)
+            except REDIS_ERRORS as exc:
+                outage.failed("circuit", exc)
+            else:
+                outage.ok()
+                return result
+        store = _fallback
     return await getattr(store, method)(*args)
 
 
@@ -411,8 +380,6 @@ async def open_circuits() -> list[CircuitState]:
 
 @receiver(setting_changed)
 def _reset(*, setting: str, **kwargs) -> None:
-    global _store, _redis_down_until
+    global _store
     if setting in ("REDIS_URL", "CACHES"):
         _store = None
-        _redis_down_until = 0.0
-        _clients.clear()

@@ -18,6 +18,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
+from .cache import REDIS_ERRORS
 from .circuit import open_circuits
 from .db import run_db
 from .errors import AuthenticationFailed, PermissionDenied, error_response
@@ -41,12 +42,23 @@ def _check_database() -> str:
 
 
 def _check_cache() -> str:
-    from django.core.cache import cache
+    from django.core.cache import caches
 
+    backend = caches["default"]
+    outage = getattr(backend, "outage", None)  # agentplatform.cache.ResilientRedisCache
+    if outage is not None:
+        if outage.is_down():
+            raise ConnectionError(f"Redis {outage.status()['detail']}")
+        try:
+            backend.client.get_client(write=True).ping()
+        except REDIS_ERRORS as exc:
+            outage.failed("cache", exc.__cause__ or exc)
+            raise ConnectionError(f"Redis {outage.status()['detail']}") from exc
+        outage.ok()
     key = f"health:{uuid.uuid4().hex}"
-    cache.set(key, "1", 10)
-    ok = cache.get(key) == "1"
-    cache.delete(key)
+    backend.set(key, "1", 10)
+    ok = backend.get(key) == "1"
+    backend.delete(key)
     if not ok:
         raise RuntimeError("value written was not read back")
     return settings.CACHES["default"]["BACKEND"].rsplit(".", 1)[-1]
@@ -58,6 +70,8 @@ async def _check_channel_layer() -> str:
     layer = get_channel_layer()
     if layer is None:
         raise RuntimeError("no channel layer configured")
+    if hasattr(layer, "check"):  # agentplatform.channels.ResilientRedisChannelLayer
+        return await layer.check()
     channel = await layer.new_channel()
     await layer.send(channel, {"type": "health.check"})
     message = await layer.receive(channel)
@@ -67,12 +81,24 @@ async def _check_channel_layer() -> str:
 
 
 def _check_broker() -> str:
+    from .cache import redis_outage
     from .celery import app
 
     if settings.CELERY_TASK_ALWAYS_EAGER:
         return "eager (tasks run in the web process)"
-    with app.connection_for_write() as conn:
-        conn.ensure_connection(max_retries=1, timeout=CHECK_TIMEOUT)
+    url = str(app.conf.broker_url or "")
+    outage = redis_outage(url) if url.startswith(("redis://", "rediss://", "unix://")) else None
+    if outage is not None and outage.is_down():
+        raise ConnectionError(f"Redis {outage.status()['detail']}")
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=CHECK_TIMEOUT)
+    except Exception as exc:
+        if outage is not None:
+            outage.failed("broker", exc)
+        raise
+    if outage is not None:
+        outage.ok()
     return conn.transport_cls if isinstance(conn.transport_cls, str) else "connected"
 
 

@@ -74,6 +74,13 @@ CELERY_TASKS = Counter("celery_tasks_total", "Celery tasks run, by task and fina
 CELERY_TASK_DURATION = Histogram("celery_task_duration_seconds", "Celery task run time.", ["task"],
                                  buckets=TASK_BUCKETS)
 
+REDIS_UNAVAILABLE = Counter("redis_unavailable_total", "Redis calls that failed (each starts or extends an outage: "
+                            "agentplatform.cache), by component: cache, rate_limit, circuit, channel_layer, "
+                            "broker.", ["component"])
+RATE_LIMIT_UNCHECKED = Counter("rate_limit_unchecked_total", "Turns whose rate limits could not be checked "
+                               "(Redis unavailable), by RATE_LIMIT_FAIL_MODE: open (let through) or closed "
+                               "(refused with 503).", ["mode"])
+
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 
@@ -220,6 +227,14 @@ def llm_usage(*, agent: str, calls: Any) -> None:
             LLM_TOKENS.labels(agent, call.model, "completion").inc(call.completion_tokens)
         if call.cost_usd:
             LLM_COST.labels(agent, call.model).inc(float(call.cost_usd))
+
+
+def redis_unavailable(component: str) -> None:
+    REDIS_UNAVAILABLE.labels(component).inc()
+
+
+def rate_limit_unchecked(mode: str) -> None:
+    RATE_LIMIT_UNCHECKED.labels(mode).inc()
 
 
 def circuit_seen(name: str, state: str) -> None:

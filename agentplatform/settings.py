@@ -210,16 +210,23 @@ DB_THREADS = env.int("DB_THREADS", default=4)
 # --- Redis: cache, channel layer, Celery broker -------------------------------------------
 REDIS_URL = env.str("REDIS_URL", default="")
 CACHE_URL = env.str("CACHE_URL", default=REDIS_URL)
+# Redis outages degrade, they do not break (agentplatform.cache): connect/read timeout of every
+# Redis call on the request path, and how long a process skips Redis after a failure.
+REDIS_TIMEOUT_SECONDS = env.float("REDIS_TIMEOUT_SECONDS", default=1.0)
+REDIS_RETRY_SECONDS = env.float("REDIS_RETRY_SECONDS", default=5.0)
+if REDIS_TIMEOUT_SECONDS <= 0 or REDIS_RETRY_SECONDS <= 0:
+    raise ImproperlyConfigured("REDIS_TIMEOUT_SECONDS and REDIS_RETRY_SECONDS must be > 0.")
 if CACHE_URL:
     CACHES = {
         "default": {
-            "BACKEND": "django_redis.cache.RedisCache",
+            # django-redis, outage-aware: a failed read is a miss, a failed write is skipped.
+            "BACKEND": "agentplatform.cache.ResilientRedisCache",
             "LOCATION": CACHE_URL,
             "KEY_PREFIX": env.str("CACHE_KEY_PREFIX", default="ap"),
             "OPTIONS": {
-                "CLIENT_CLASS": "django_redis.client.DefaultClient",
-                "SOCKET_CONNECT_TIMEOUT": 2,
-                "SOCKET_TIMEOUT": 2,
+                "CLIENT_CLASS": "agentplatform.cache.ResilientClient",
+                "SOCKET_CONNECT_TIMEOUT": REDIS_TIMEOUT_SECONDS,
+                "SOCKET_TIMEOUT": REDIS_TIMEOUT_SECONDS,
             },
         }
     }
@@ -229,11 +236,13 @@ else:
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            # channels-redis, outage-aware (agentplatform.channels): a consumer outlives Redis.
+            "BACKEND": "agentplatform.channels.ResilientRedisChannelLayer",
             # redis-py 8 reads with a 5 s socket timeout by default, which fires during the layer's
             # own 5 s blocking pop (BZPOPMIN) and kills every consumer (channels_redis#422): the
             # read timeout must outlast the pop.
-            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15,
+                                  "socket_connect_timeout": REDIS_TIMEOUT_SECONDS}],
                        "prefix": env.str("CHANNEL_LAYER_PREFIX", default="ap")},
         }
     }
@@ -546,6 +555,12 @@ AGENT_PIPELINE_STAGES: list[str] = [
 ]
 
 # --- Governance ---------------------------------------------------------------------------
+# While the rate limiter's Redis is unavailable: "open" lets turns through unchecked, "closed"
+# refuses them with 503 `rate_limiter_unavailable`; both are logged and counted
+# (rate_limit_unchecked_total{mode}).
+RATE_LIMIT_FAIL_MODE = env.str("RATE_LIMIT_FAIL_MODE", default="open").strip().lower()
+if RATE_LIMIT_FAIL_MODE not in ("open", "closed"):
+    raise ImproperlyConfigured("RATE_LIMIT_FAIL_MODE must be 'open' or 'closed'.")
 # How long an Idempotency-Key's stored response is replayed.
 IDEMPOTENCY_TTL_SECONDS = env.int("IDEMPOTENCY_TTL_SECONDS", default=24 * 3600)
 # A retry that arrives while the first request still runs waits this long, then gets 409.

@@ -477,6 +477,10 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
                 if self._stored is not None:
                     self._keep(event)
                 await self._send_text(_DUMPS(event))
+                if self.cancel_requested and self._cancellable():
+                    # The cancel's task.cancel() can be lost: redis-py 8 swallows a cancellation
+                    # that lands early in a command (a circuit or rate-limit call). Apply it here.
+                    raise asyncio.CancelledError
                 # Give the loop back after every frame: when the upstream's data is already
                 # buffered nothing here suspends, and one stream would run its whole backlog while
                 # new turns wait. Measured (bench/ws_bench.py, 1,000 streams on one process): time

@@ -63,6 +63,7 @@ from django.db.models import Case, Q, Value, When
 from django.utils import timezone
 
 from agentplatform.background import background_submit
+from agentplatform.celery import task_enqueue
 from agentplatform.db import run_db
 from agentplatform.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound, PlatformError
 from agentplatform.webhooks import (
@@ -161,7 +162,7 @@ def run_enqueue(run_id: uuid.UUID) -> None:
         if _eager():
             background_submit(run_execute(run_id))
         else:
-            execute_run_task.apply_async(args=[str(run_id)])
+            task_enqueue(execute_run_task, args=[str(run_id)])
     except Exception:
         logger.exception("Could not enqueue run %s (it stays queued and is enqueued again later)", run_id)
 
@@ -171,7 +172,7 @@ def run_callback_enqueue(run_id: uuid.UUID) -> None:
         if _eager():
             background_submit(_deliver_eagerly(run_id))
         else:
-            deliver_run_callback_task.apply_async(args=[str(run_id)])
+            task_enqueue(deliver_run_callback_task, args=[str(run_id)])
     except Exception:
         logger.exception("Could not enqueue the callback of run %s (enqueued again later)", run_id)
 

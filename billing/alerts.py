@@ -50,6 +50,7 @@ from django.core.mail import send_mail
 from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
+from agentplatform.celery import task_enqueue
 from agentplatform.webhooks import (
     DELIVERY_HEADER,
     EVENT_HEADER,
@@ -196,7 +197,7 @@ def alert_deliveries_enqueue(jobs: list[tuple[int, str]]) -> None:
             if task.app.conf.task_always_eager:
                 _eager_runner().submit(lambda task=task, delivery_id=delivery_id: task.apply(args=[delivery_id]))
             else:
-                task.delay(delivery_id)
+                task_enqueue(task, args=[delivery_id])
         except Exception:
             logger.exception("Could not enqueue alert delivery %s", delivery_id)
 

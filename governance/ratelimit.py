@@ -25,8 +25,10 @@ loop, and never blocks the loop. Without Redis the same logs live in the process
 lock (CacheWindow, tied to the Django cache by an epoch marker so clearing the cache clears
 them): exact for the embedded default (one process), not shared between processes.
 
-If Redis fails, the request is let through (logged): a broken limiter must not take the
-platform down with it. A turn admitted here but refused by a later stage (budget, guard) is
+If Redis fails (agentplatform.cache's outage detector: skipped at once while it is down), the
+request is let through unchecked (RATE_LIMIT_FAIL_MODE=open, the default: a broken limiter must
+not take the platform down with it) or refused with 503 `rate_limiter_unavailable` (closed);
+either way logged and counted (rate_limit_unchecked_total{mode}). A turn admitted here but refused by a later stage (budget, guard) is
 taken out of the request logs again (`refused`). Keys and agents without limits (empty or 0)
 cost nothing: no Redis call at all. Replays of idempotent requests do not reach the pipeline and are not
 counted.
@@ -42,7 +44,6 @@ limit admits a request again) and the X-RateLimit-* headers of the limit that re
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import threading
@@ -52,12 +53,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.core.cache import caches
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
-from agentplatform.cache import redis_url
-from agentplatform.errors import PlatformError
+from agentplatform.cache import REDIS_ERRORS, async_redis, async_redis_script, redis_outage, redis_url
+from agentplatform.errors import PlatformError, ServiceUnavailable
+from agentplatform.metrics import rate_limit_unchecked
 
 logger = logging.getLogger("governance.ratelimit")
 
@@ -255,9 +258,6 @@ redis.call('PEXPIRE', KEYS[2], window)
 return now
 """
 
-_clients: dict[tuple[int, str], Any] = {}
-
-
 def _decide(limits: list[Limit], now: int, raw: list[int]) -> Decision:
     allowed = bool(raw[0])
     states = []
@@ -275,22 +275,8 @@ class RedisWindow:
     def __init__(self, url: str) -> None:
         self.url = url
 
-    def _client(self) -> tuple[Any, Any, Any]:
-        import redis.asyncio as aredis
-
-        # redis.asyncio connections belong to the loop that opened them: one client per loop.
-        ident = (id(asyncio.get_running_loop()), self.url)
-        found = _clients.get(ident)
-        if found is None:
-            client = aredis.from_url(self.url, socket_connect_timeout=2, socket_timeout=2)
-            found = (client, client.register_script(HIT_SCRIPT), client.register_script(ADD_SCRIPT))
-            for old in [k for k in _clients if k[0] != ident[0]]:
-                del _clients[old]  # one loop per server process; forget clients of finished loops
-            _clients[ident] = found
-        return found
-
     async def hit(self, limits: list[Limit], *, member: str, now_ms: int | None = None) -> Decision:
-        _, script, _ = self._client()
+        script = async_redis_script(self.url, HIT_SCRIPT)
         args: list[Any] = ["" if now_ms is None else now_ms, WINDOW_MS, member]
         for limit in limits:
             args += [limit.kind, limit.limit]
@@ -301,16 +287,14 @@ class RedisWindow:
         return _decide(limits, int(raw[1]), raw)
 
     async def release(self, limits: list[Limit], *, member: str) -> None:
-        client, _, _ = self._client()
-        async with client.pipeline(transaction=False) as pipe:
+        async with async_redis(self.url).pipeline(transaction=False) as pipe:
             for limit in limits:
                 if limit.kind == REQUESTS:
                     pipe.zrem(limit.key, member)
             await pipe.execute()
 
     async def add_tokens(self, limit: Limit, *, member: str, tokens: int, now_ms: int | None = None) -> None:
-        _, _, script = self._client()
-        await script(keys=[limit.key, limit.sum_key],
+        await async_redis_script(self.url, ADD_SCRIPT)(keys=[limit.key, limit.sum_key],
                      args=["" if now_ms is None else now_ms, WINDOW_MS, f"{member}:{tokens}", tokens])
 
 
@@ -442,7 +426,6 @@ def _reset(*, setting: str, **kwargs) -> None:
     global _backend_cache
     if setting in ("REDIS_URL", "CACHES"):
         _backend_cache = None
-        _clients.clear()
 
 
 def _error(decision: Decision) -> RateLimited:
@@ -457,14 +440,31 @@ def _error(decision: Decision) -> RateLimited:
                  "used": state.used, "retry_after_seconds": retry})
 
 
-# Redis failures let the request through (see the module docstring).
-_REDIS_ERRORS: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
-try:
-    from redis.exceptions import RedisError
+class RateLimiterUnavailable(ServiceUnavailable):
+    code = "rate_limiter_unavailable"
+    message = "Rate limits cannot be checked right now (RATE_LIMIT_FAIL_MODE=closed); retry shortly."
 
-    _REDIS_ERRORS += (RedisError,)
-except ImportError:  # pragma: no cover - redis is a dependency
-    pass
+
+async def _redis_call(call, *args, **kwargs) -> Any:
+    """`call` on the shared backend, through the Redis outage detector: raises _Skipped while
+    Redis is down or when this call fails (reported)."""
+    backend = rate_limit_backend()
+    if not isinstance(backend, RedisWindow):
+        return await getattr(backend, call)(*args, **kwargs)
+    outage = redis_outage(backend.url)
+    if outage.is_down():
+        raise _Skipped
+    try:
+        result = await getattr(backend, call)(*args, **kwargs)
+    except REDIS_ERRORS as exc:
+        outage.failed("rate_limit", exc)
+        raise _Skipped from exc
+    outage.ok()
+    return result
+
+
+class _Skipped(Exception):
+    """The rate limiter's Redis is unavailable."""
 
 
 class RateLimitStage:
@@ -477,9 +477,15 @@ class RateLimitStage:
         if not limits:
             return
         try:
-            decision = await rate_limit_backend().hit(limits, member=turn.run_id.hex)
-        except _REDIS_ERRORS:
-            logger.warning("Rate limiter unavailable; letting run %s through", turn.run_id, exc_info=True)
+            decision = await _redis_call("hit", limits, member=turn.run_id.hex)
+        except _Skipped:
+            mode = settings.RATE_LIMIT_FAIL_MODE
+            rate_limit_unchecked(mode)
+            logger.info("Rate limits of run %s unchecked (Redis unavailable; RATE_LIMIT_FAIL_MODE=%s)",
+                        turn.run_id, mode)
+            if mode == "closed":
+                raise RateLimiterUnavailable(headers={"Retry-After": str(max(1, math.ceil(
+                    settings.REDIS_RETRY_SECONDS)))}) from None
             return
         if not decision.allowed:
             raise _error(decision)
@@ -492,9 +498,9 @@ class RateLimitStage:
         if not limits:
             return
         try:
-            await rate_limit_backend().release(limits, member=turn.run_id.hex)
-        except _REDIS_ERRORS:
-            logger.warning("Could not release run %s from the rate limits", turn.run_id, exc_info=True)
+            await _redis_call("release", limits, member=turn.run_id.hex)
+        except _Skipped:
+            logger.info("Could not release run %s from the rate limits (Redis unavailable)", turn.run_id)
 
     async def after(self, turn) -> None:
         limits = turn.notes.get(self.NOTE) or ()
@@ -502,6 +508,6 @@ class RateLimitStage:
         for limit in limits:
             if limit.kind == TOKENS and tokens > 0:
                 try:
-                    await rate_limit_backend().add_tokens(limit, member=turn.run_id.hex, tokens=tokens)
-                except _REDIS_ERRORS:
-                    logger.warning("Could not count the tokens of run %s", turn.run_id, exc_info=True)
+                    await _redis_call("add_tokens", limit, member=turn.run_id.hex, tokens=tokens)
+                except _Skipped:
+                    logger.info("Could not count the tokens of run %s (Redis unavailable)", turn.run_id)

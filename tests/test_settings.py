@@ -70,6 +70,8 @@ SCENARIOS: dict[str, dict[str, str]] = {
     "bad_providers_json": {"DEBUG": "1", "LLM_PROVIDERS": "{oops"},
     "providers_redefine_openai": {"DEBUG": "1", "LLM_PROVIDERS": '{"openai": {"base_url": "http://x/v1"}}'},
     "bad_private_networks": {"DEBUG": "1", "HTTP_FETCH_ALLOW_PRIVATE_NETWORKS": "true"},
+    "bad_rate_limit_fail_mode": {"DEBUG": "1", "RATE_LIMIT_FAIL_MODE": "sometimes"},
+    "zero_redis_timeout": {"DEBUG": "1", "REDIS_TIMEOUT_SECONDS": "0"},
 }
 
 
@@ -173,9 +175,11 @@ def test_options_a_sqlite_database_url_names_are_kept(outcomes):
 def test_it_uses_redis_for_cache_channels_and_celery_given_a_redis_url(outcomes):
     settings = ok(outcomes, "redis")
     url = "redis://cache.example:6379/2"
-    assert settings["cache"]["BACKEND"] == "django_redis.cache.RedisCache"
+    # django-redis and channels-redis, each outage-aware (agentplatform.cache, agentplatform.channels).
+    assert settings["cache"]["BACKEND"] == "agentplatform.cache.ResilientRedisCache"
     assert settings["cache"]["LOCATION"] == url
-    assert settings["channel_layer"]["BACKEND"] == "channels_redis.core.RedisChannelLayer"
+    assert settings["cache"]["OPTIONS"]["SOCKET_TIMEOUT"] == 1.0
+    assert settings["channel_layer"]["BACKEND"] == "agentplatform.channels.ResilientRedisChannelLayer"
     assert [host["address"] for host in settings["channel_layer"]["CONFIG"]["hosts"]] == [url]
     assert settings["broker"] == url
     assert settings["eager"] is False
@@ -188,6 +192,8 @@ def test_it_fails_at_startup_on_malformed_values(outcomes):
     err = refused(outcomes, "providers_redefine_openai")
     assert "LLM_PROVIDERS" in err and "openai" in err
     assert "HTTP_FETCH_ALLOW_PRIVATE_NETWORKS: 'true' is not a network" in refused(outcomes, "bad_private_networks")
+    assert "RATE_LIMIT_FAIL_MODE must be 'open' or 'closed'" in refused(outcomes, "bad_rate_limit_fail_mode")
+    assert "REDIS_TIMEOUT_SECONDS" in refused(outcomes, "zero_redis_timeout")
 
 
 def test_it_lets_skills_reach_only_public_addresses_unless_networks_are_listed(outcomes):
