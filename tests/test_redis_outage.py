@@ -317,7 +317,7 @@ async def test_it_refuses_unchecked_turns_when_rate_limits_fail_closed(dead_redi
     dead_redis.RATE_LIMIT_FAIL_MODE = "closed"
     await orm(make_agent, name="limited", model="local/demo")
     key = await orm(make_key)
-    await ApiKey.objects.filter(prefix=key.split("_")[1]).aupdate(rate_limit_rpm=5)
+    await orm(lambda: ApiKey.objects.filter(prefix=key.split("_")[1]).update(rate_limit_rpm=5))
 
     for _ in range(2):  # the first meets the dead port, the second is refused without trying
         response = await Api(key).post("/api/v1/agents/limited/chat", {"message": "hi"})
@@ -326,7 +326,7 @@ async def test_it_refuses_unchecked_turns_when_rate_limits_fail_closed(dead_redi
         assert response.headers["Retry-After"] == "60"
     from agents.models import Run
 
-    assert await Run.objects.acount() == 0  # refused before it started: nothing to bill
+    assert await orm(Run.objects.count) == 0  # refused before it started: nothing to bill
 
 
 @pytest.mark.django_db(transaction=True)
@@ -338,7 +338,7 @@ async def test_it_lets_unchecked_turns_through_when_rate_limits_fail_open(dead_r
     dead_redis.RATE_LIMIT_FAIL_MODE = "open"
     await orm(make_agent, name="limited", model="local/demo")
     key = await orm(make_key)
-    await ApiKey.objects.filter(prefix=key.split("_")[1]).aupdate(rate_limit_rpm=1)
+    await orm(lambda: ApiKey.objects.filter(prefix=key.split("_")[1]).update(rate_limit_rpm=1))
     before = REGISTRY.get_sample_value("rate_limit_unchecked_total", {"mode": "open"}) or 0
 
     for _ in range(3):  # over the limit of 1, but nothing can count it
