@@ -243,8 +243,13 @@ class AgentChatConsumer(AsyncWebsocketConsumer):
         if self.channel_layer is not None:
             await self.channel_layer.group_add(group, self.channel_name)
             self.groups.append(group)  # left again in websocket_disconnect
-        await self._send({"type": "ready", "agent": self.agent_name, "auth": how,
-                          "max_frame_bytes": settings.WS_MAX_FRAME_BYTES})
+        ready = {"type": "ready", "agent": self.agent_name, "auth": how,
+                 "max_frame_bytes": settings.WS_MAX_FRAME_BYTES}
+        outage = getattr(self.channel_layer, "outage", None)  # agentplatform.channels
+        if outage is not None and outage.since is not None:
+            # Redis is down: this connection streams, but nothing reaches it from other workers.
+            ready["degraded"] = ["channel_layer"]
+        await self._send(ready)
         self._touch()
 
     async def _auth_timed_out(self) -> None:

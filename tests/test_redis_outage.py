@@ -251,6 +251,7 @@ def test_it_serves_through_a_redis_outage_and_resumes_without_a_restart(server, 
     events = parse_sse(stream.text)
     assert events[-1]["event"] == "done", events[-3:]
     frames = asyncio.run(_ws_turn(server, client, "over the websocket"))
+    assert frames[0]["degraded"] == ["channel_layer"]  # it streams, but alone
     assert frames[-1]["type"] == "done", frames[-3:]
     assert "".join(f["content"] for f in frames if f["type"] == "delta") == "Echo: over the websocket"
     ready = _ready(server)
@@ -288,7 +289,7 @@ def test_it_serves_through_a_redis_outage_and_resumes_without_a_restart(server, 
     assert after.status_code == 200
     assert after.headers["X-RateLimit-Limit"] == "1000"  # counted in Redis again
     frames = asyncio.run(_ws_turn(server, client, "after the outage"))
-    assert frames[-1]["type"] == "done"
+    assert "degraded" not in frames[0] and frames[-1]["type"] == "done"
     log = server.log_path.read_text()
     assert "is unavailable" in log and "answers again" in log
     assert "Traceback" not in log, log[-3000:]
