@@ -99,6 +99,7 @@ INSTALLED_APPS = [
     "governance",
     "agents",
     "billing",
+    "experiments",
 ]
 
 # Every middleware here is async-capable without a thread hop on the API paths: Django's
@@ -278,6 +279,9 @@ CELERY_BEAT_SCHEDULE: dict = {
                                "schedule": float(env.int("RUN_SWEEP_SECONDS", default=30))},
     # Async runs and callbacks whose enqueue was lost (broker down, process gone): enqueued again.
     "requeue-lost-runs": {"task": "agents.tasks.requeue_lost_runs_task", "schedule": 60.0},
+    # Canary rollouts whose step is due: advanced, or rolled back (experiments.canary).
+    "advance-canaries": {"task": "experiments.tasks.canary_advance_task",
+                         "schedule": float(env.int("EXPERIMENT_CANARY_CHECK_SECONDS", default=60))},
 }
 # Run the beat schedule inside each ASGI process (agentplatform.scheduler): the embedded default,
 # where no Celery beat runs. Off by default once a broker is configured (run `celery beat`).
@@ -535,6 +539,8 @@ AUTH_PASSWORD_VALIDATORS = [
 AGENT_PIPELINE_STAGES: list[str] = [
     # First: it times and counts every turn, refused ones included (its `refused` sees them all).
     "agentplatform.metrics.MetricsStage",
+    # Before the flag and budget stages: they see the variant's skills and models.
+    "experiments.stages.ExperimentStage",
     "governance.guards.InputGuardStage",
     "governance.flags.FeatureFlagStage",
     "governance.ratelimit.RateLimitStage",
@@ -577,6 +583,12 @@ def _decimal_setting(name: str, default: str):
 
 BILLING_DEFAULT_INPUT_PER_1M = _decimal_setting("BILLING_DEFAULT_INPUT_PER_1M", "10")
 BILLING_DEFAULT_OUTPUT_PER_1M = _decimal_setting("BILLING_DEFAULT_OUTPUT_PER_1M", "30")
+
+# --- Experiments --------------------------------------------------------------------------
+# Shadow traffic stops for the day (UTC) once the shadow runs of all experiments cost this
+# much (USD); empty: no cap. Shadow spend is never billed to the callers' keys or budgets.
+EXPERIMENT_SHADOW_DAILY_LIMIT_USD = (_decimal_setting("EXPERIMENT_SHADOW_DAILY_LIMIT_USD", "0")
+                                     if env.str("EXPERIMENT_SHADOW_DAILY_LIMIT_USD", default="") else None)
 
 
 # --- Budget alerts and e-mail -------------------------------------------------------------

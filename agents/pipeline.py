@@ -151,6 +151,10 @@ class ChatTurn:
     client_ip: str | None = None
     # Set by the pipeline and its stages:
     skills: tuple = ()
+    # The experiment variant serving the turn (experiments.stages sets both, and `agent` to the
+    # variant's configuration): stored on the run, its usage and audit entry, returned to the client.
+    variant: str = ""
+    experiment_id: int | None = None
     response_headers: dict = field(default_factory=dict)
     # What stages want to remember between before/persist/after (keyed by stage).
     notes: dict = field(default_factory=dict)
@@ -239,7 +243,7 @@ class ChatTurn:
                 "api_key_id": self.principal.key_id if self.principal else None,
                 "request_id": self.request_id or "", "started_at": self.started_at,
                 "lease_expires_at": lease_deadline(), "reservation": self.reservation,
-                "variant": str(getattr(self, "variant", "") or "")[:100],
+                "variant": self.variant[:100], "experiment_id": self.experiment_id,
                 "metadata": {"checkpoint": {"prompt_tokens": self.notes["_prompt_estimate"]}},
             }
             if self.queued:
@@ -370,7 +374,7 @@ class ChatTurn:
                                   "metadata": client_metadata, "last_activity_at": now})
             ended = Run.objects.filter(pk=self.run_id, status=Run.Status.RUNNING).update(
                 session=session, lease_expires_at=None, reservation={},
-                variant=str(getattr(self, "variant", "") or "")[:100],
+                variant=self.variant[:100], experiment_id=self.experiment_id,
                 output=clean(run.output if self.status == Run.Status.SUCCEEDED else run.partial_output)
                 if self.transport == Run.Transport.TASK else "",
                 status=self.status, model=_model_of(run),
@@ -421,6 +425,7 @@ class ChatTurn:
             "usage": run.usage.as_dict(),
             "cost_usd": str(self.cost_usd) if self.cost_usd is not None else None,
             "latency_ms": self.latency_ms,
+            "variant": self.variant or None,
         }
 
 

@@ -16,7 +16,7 @@ that is an `error` event. The OpenAI-compatible stream's role chunk waits for th
 
 Events: `start` {run_id, session_id, agent, model, variant?}; the runtime's own `delta`,
 `tool_call`, `tool_result`, `usage`; then exactly one of `done` {id, run_id, session_id, agent,
-model, output, tool_calls, finish_reason, usage, cost_usd, latency_ms, cancelled} or `error`
+model, output, tool_calls, finish_reason, usage, cost_usd, latency_ms, variant, cancelled} or `error`
 {code, message, status, request_id, param?, details?, retry_after?, run_id?, session_id?}: the
 fields of our one JSON error shape, flat. The pipeline (ChatTurn.events) sends `done`/`error`
 only once the run is committed, so a client that reads its run right after `done` finds it.
@@ -51,8 +51,8 @@ def start_event(turn: ChatTurn) -> dict:
     event = {"type": "start", "run_id": str(turn.run_id),
              "session_id": str(turn.session_id) if turn.session_id else None,
              "agent": turn.agent.name, "model": turn.agent.model}
-    if turn.notes.get("variant"):
-        event["variant"] = str(turn.notes["variant"])
+    if turn.variant:
+        event["variant"] = turn.variant
     return event
 
 
