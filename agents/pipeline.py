@@ -66,6 +66,7 @@ from governance.services import split_key
 
 from .models import Message, Run, Session
 from .runtime import AgentRun
+from .streaming import with_turn_headers
 from .selectors import (
     AgentSpec,
     agent_cache_key,
@@ -471,5 +472,5 @@ async def chat_complete(turn: ChatTurn) -> dict:
     async for _ in turn.events():
         pass
     if turn.run.error is not None:
-        raise turn.run.error
+        raise with_turn_headers(turn, turn.run.error)
     return turn.result()

@@ -105,6 +105,14 @@ def turn_error(turn: ChatTurn, event: dict) -> PlatformError:
     return PlatformError(event.get("message"), code=event.get("code"), http_status=event.get("status"))
 
 
+def with_turn_headers(turn: ChatTurn, error: PlatformError) -> PlatformError:
+    """The error answered with the turn's response headers too (X-Agent-Variant: a failed
+    request still says which variant failed); the error's own headers win."""
+    if turn.response_headers:
+        error.headers = {**turn.response_headers, **error.headers}
+    return error
+
+
 def turn_error_event(turn: ChatTurn, event: dict) -> dict:
     """The `error` event of a run that failed, naming its run and session."""
     return error_event(turn_error(turn, event), turn.request_id, run_id=str(turn.run_id),
@@ -126,7 +134,7 @@ async def answered(turn: ChatTurn, wait: float) -> AsyncIterator[dict]:
     try:
         await asyncio.wait((first,), timeout=wait)
         if first.done() and (event := first.result()) is not None and event["type"] == "error":
-            raise turn_error(turn, event)
+            raise with_turn_headers(turn, turn_error(turn, event))
     except BaseException:
         await resumed.aclose()
         raise

@@ -8,7 +8,7 @@ it compares the candidate with the control over the runs of the current step:
 
   * fewer than `canary_min_sample` candidate requests in the step: wait (checked again next tick);
   * candidate error rate − control error rate > `canary_max_error_rate_delta`, or candidate p95
-    latency > control p95 × `canary_max_p95_ratio`: roll back — the candidate's weight to 0 %,
+    latency > control p95 × `canary_max_p95_ratio` (and at least P95_MIN_DIFFERENCE_MS slower): roll back — the candidate's weight to 0 %,
     the control to 100 %, the experiment finished with canary_state `rolled_back`, an
     "experiment.canary.rolled_back" audit entry with the figures, and a notice through the budget
     alerts' channels (billing.alerts.notice_send: e-mail, signed webhook, retries), all in one
@@ -37,6 +37,10 @@ from .results import ERROR_STATUSES
 from .services import canary_set_share
 
 logger = logging.getLogger("experiments.canary")
+
+# A p95 this much slower at least, whatever the ratio: 2 ms against 5 ms is noise (a new
+# connection, a GC pause), not a regression to roll back for.
+P95_MIN_DIFFERENCE_MS = 100.0
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,8 @@ def _breach(experiment: Experiment, candidate: ArmFigures, control: ArmFigures) 
             and candidate.error_rate > experiment.canary_max_error_rate_delta:
         return f"error rate {candidate.error_rate:.1%} (over {experiment.canary_max_error_rate_delta:.1%})"
     if candidate.p95_ms is not None and control.p95_ms and \
-            candidate.p95_ms > control.p95_ms * experiment.canary_max_p95_ratio:
+            candidate.p95_ms > control.p95_ms * experiment.canary_max_p95_ratio and \
+            candidate.p95_ms - control.p95_ms >= P95_MIN_DIFFERENCE_MS:
         return (f"p95 latency {candidate.p95_ms:.0f} ms vs the control's {control.p95_ms:.0f} ms "
                 f"(over {experiment.canary_max_p95_ratio:g}×)")
     return None
