@@ -130,11 +130,12 @@ MIDDLEWARE = [
 API_PATH_PREFIXES = ("/api/", "/v1/", "/health", "/metrics")
 CORS_URLS_REGEX = r"^/(api|v1)/"
 CORS_ALLOW_HEADERS = (*_cors_default_headers, "idempotency-key", "x-request-id")
-# What a browser app may read: rate limits (governance.ratelimit), the request id, replays.
+# What a browser app may read: rate limits (governance.ratelimit), the request id, replays, the
+# experiment variant that answered (experiments.stages).
 CORS_EXPOSE_HEADERS = (
     "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
     "X-RateLimit-Limit-Tokens", "X-RateLimit-Remaining-Tokens", "X-RateLimit-Reset-Tokens",
-    "X-Request-ID", "Retry-After", "Idempotent-Replayed",
+    "X-Request-ID", "Retry-After", "Idempotent-Replayed", "X-Agent-Variant",
 )
 # Under /api/ but read by staff in a browser: these keep sessions (the docs page, its schema).
 API_PATHS_WITH_SESSION = ("/api/docs", "/api/schema")

@@ -200,6 +200,12 @@ async def test_the_running_experiment_is_cached_per_agent_and_dropped_on_save(de
     assert (await api.post(CHAT.format("demo"), {"message": "hi"})).json()["variant"] == "treated"
     assert cache.get(experiment_cache_key(demo.id))["id"] == created["id"]
 
+    # Warm, the entry is all a turn reads: a change that bypasses the signals (a queryset update)
+    # is not seen until the entry expires — no query per request.
+    await orm(Experiment.objects.filter(pk=created["id"]).update, status="paused")
+    assert (await api.post(CHAT.format("demo"), {"message": "hi"})).json()["variant"] == "treated"
+
+    await Api(admin).request("PATCH", f"{EXPERIMENTS}/{created['id']}", json={"status": "running"})
     await Api(admin).request("PATCH", f"{EXPERIMENTS}/{created['id']}", json={"status": "paused"})
     assert (await api.post(CHAT.format("demo"), {"message": "hi"})).json()["variant"] is None
 
@@ -410,3 +416,49 @@ def test_the_sequential_p_value_controls_false_positives_under_repeated_looks():
         sequential_hits += sequential
     assert sequential_hits / 200 <= 0.05
     assert fixed_hits > 2 * sequential_hits
+
+
+# --- the admin ---------------------------------------------------------------------------------
+
+
+def _admin_form(agent_id: int, variants: list[dict], **fields) -> dict:
+    data = {"name": "from-admin", "agent": agent_id, "description": "", "mode": "ab", "flag": "",
+            "min_sample": 100, "canary_steps": "[]", "canary_interval_minutes": 60,
+            "canary_max_error_rate_delta": 0.05, "canary_max_p95_ratio": 1.5, "canary_min_sample": 20,
+            "shadow_variant": "", "shadow_percent": 0,
+            "variants-TOTAL_FORMS": len(variants), "variants-INITIAL_FORMS": 0, "variants-MIN_NUM_FORMS": 2,
+            "variants-MAX_NUM_FORMS": 1000, **fields}
+    for i, v in enumerate(variants):
+        for key, value in {"name": "", "weight": 0, "model": "", "fallback_models": "null", "system_prompt": "",
+                           "temperature": "", "max_tokens": "", "skills": "null", **v}.items():
+            if key == "is_control":
+                if value:
+                    data[f"variants-{i}-is_control"] = "on"
+                continue
+            data[f"variants-{i}-{key}"] = value
+    return data
+
+
+def test_the_admin_form_checks_the_variants_and_audits_the_save(admin_client, demo):
+    url = "/admin/experiments/experiment/add/"
+    bad = admin_client.post(url, _admin_form(demo.id, [{"name": "control", "weight": 60, "is_control": True},
+                                                       {"name": "b", "weight": 30, "model": "local/b"}]))
+    assert bad.status_code == 200 and "the weights must sum to 100 (they sum to 90)" in bad.content.decode()
+    assert Experiment.objects.count() == 0
+
+    good = admin_client.post(url, _admin_form(demo.id, [{"name": "control", "weight": 60, "is_control": True},
+                                                        {"name": "b", "weight": 40, "model": "local/b"}]))
+    assert good.status_code == 302, good.content.decode()[:2000]
+    experiment = Experiment.objects.get()
+    assert experiment.status == "draft" and [v.weight for v in experiment.variants.all()] == [60, 40]
+    entry = AuditLog.objects.get(action="experiment.created")
+    assert entry.actor.startswith("user:") and entry.details["after"]["variants"][1]["model"] == "local/b"
+
+    started = admin_client.post("/admin/experiments/experiment/", {"action": "start_selected",
+                                                                   "_selected_action": [experiment.pk]}, follow=True)
+    assert "Started 1 experiment" in started.content.decode()
+    experiment.refresh_from_db()
+    assert experiment.status == "running" and experiment.started_at is not None
+    page = admin_client.get(f"/admin/experiments/experiment/{experiment.pk}/results/")
+    assert page.status_code == 200 and "Minimum sample not reached" in page.content.decode()
+    assert admin_client.get("/admin/experiments/experiment/999/results/").status_code == 404
