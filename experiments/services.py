@@ -213,6 +213,10 @@ def experiment_update(*, experiment_id: int, fields: dict, actor: str, request_i
         if experiment.status == Experiment.Status.RUNNING:
             raise _invalid("variants: pause the experiment before changing its variants.", "variants")
         validate_variants(variants, mode=experiment.mode)
+        if shadow_variant is None and experiment.shadow_variant_id is not None:
+            # The rows are replaced: keep the shadow by name (none if that name is gone).
+            kept = experiment.variants.filter(pk=experiment.shadow_variant_id).values_list("name", flat=True).first()
+            shadow_variant = kept if kept in {v["name"] for v in variants} else ""
         _save_variants(experiment, variants)
     elif "mode" in fields:
         validate_variants([{"name": v.name, "weight": v.weight, "is_control": v.is_control, **v.overrides()}

@@ -319,6 +319,21 @@ async def test_the_admin_api_is_for_admin_keys_and_unknown_ids_are_404(demo, adm
                  "invalid_transition", param="status")
 
 
+async def test_replacing_the_variants_keeps_the_shadow_by_name(demo, admin):
+    made = (await create(admin, status="draft", shadow_variant="terse", shadow_percent=10)).json()
+    api = Api(admin)
+
+    kept = await api.request("PATCH", f"{EXPERIMENTS}/{made['id']}", json={"variants": [
+        {"name": "control", "weight": 70, "is_control": True}, {"name": "terse", "weight": 30, "model": "local/t2"}]})
+    assert kept.status_code == 200, kept.text
+    assert kept.json()["shadow_variant"] == "terse" and kept.json()["variants"][1]["model"] == "local/t2"
+    gone = await api.request("PATCH", f"{EXPERIMENTS}/{made['id']}", json={"variants": [
+        {"name": "control", "weight": 70, "is_control": True}, {"name": "other", "weight": 30, "model": "local/o"}]})
+    assert gone.status_code == 200 and gone.json()["shadow_variant"] is None
+    assert_error(await api.request("PATCH", f"{EXPERIMENTS}/{made['id']}", json={"shadow_variant": "control"}), 400,
+                 param="shadow_variant")
+
+
 async def test_promoting_a_winner_applies_its_overrides_and_finishes(demo, admin, make_key):
     made = (await create(admin)).json()
 
