@@ -27,7 +27,7 @@ from governance.audit import user_actor
 
 from .models import Experiment, ShadowRun, Variant
 from .results import experiment_results
-from .services import _audit, _snapshot, experiment_promote, experiment_update, validate_variants
+from .services import experiment_audit_saved, experiment_promote, experiment_update, validate_variants
 
 SIDE_BY_SIDE = 20
 
@@ -54,7 +54,6 @@ class VariantInline(admin.TabularInline):
     min_num = 2
     fields = ["name", "weight", "is_control", "model", "fallback_models", "system_prompt", "temperature",
               "max_tokens", "skills"]
-    formfield_overrides = {}
 
     def formfield_for_dbfield(self, db_field, request, **kwargs):
         if db_field.name == "system_prompt":
@@ -132,8 +131,8 @@ class ExperimentAdmin(admin.ModelAdmin):
     def save_related(self, request: HttpRequest, form, formsets, change: bool) -> None:
         super().save_related(request, form, formsets, change)
         # In the admin's transaction: the change and its audit entry commit together.
-        _audit(form.instance, "experiment.updated" if change else "experiment.created", user_actor(request.user),
-               getattr(request, "request_id", "") or "", None, after=_snapshot(form.instance))
+        experiment_audit_saved(experiment=form.instance, created=not change, actor=user_actor(request.user),
+                               request_id=getattr(request, "request_id", "") or "")
         form.instance.save(update_fields=["updated_at"])  # drops the cached running experiment
 
     @admin.action(description="Start or resume selected experiments", permissions=["change"])

@@ -14,6 +14,7 @@ transaction). Rules, each a 400 naming the field:
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -21,7 +22,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from agentplatform.errors import InvalidRequest, NotFound
-from agents.models import Agent, AgentSkill, Skill
+from agents.models import MODEL_RE, Agent, AgentSkill, Skill
 from governance.audit import audit_actor, audit_record
 
 from .models import DEFAULT_CANARY_STEPS, Experiment, Variant
@@ -63,6 +64,15 @@ def validate_variants(variants: list[dict], *, mode: str = Experiment.Mode.AB) -
     if changed:
         raise _invalid(f"variants[{controls[0]}].{changed[0]}: the control is the agent as it is and overrides "
                        "nothing.", f"variants[{controls[0]}].{changed[0]}")
+    for index, v in enumerate(variants):
+        fallbacks = v.get("fallback_models")
+        if fallbacks is not None and (not isinstance(fallbacks, list)
+                                      or not all(isinstance(m, str) and re.match(MODEL_RE, m) for m in fallbacks)):
+            raise _invalid(f'variants[{index}].fallback_models: a list of "provider/model-name" strings.',
+                           f"variants[{index}].fallback_models")
+        skills = v.get("skills")
+        if skills is not None and (not isinstance(skills, list) or not all(isinstance(n, str) for n in skills)):
+            raise _invalid(f"variants[{index}].skills: a list of skill names.", f"variants[{index}].skills")
     total = sum(int(v.get("weight", 0)) for v in variants)
     if mode != Experiment.Mode.CANARY and total != 100:
         raise _invalid(f"variants: the weights must sum to 100 (they sum to {total}).", "variants",
@@ -151,6 +161,12 @@ def _snapshot(experiment: Experiment) -> dict:
                          for v in experiment.variants.all()]}
 
 
+def experiment_audit_saved(*, experiment: Experiment, created: bool, actor: str, request_id: str = "") -> None:
+    """Audit a save made by the admin's form (with its variants inline), in its transaction."""
+    _audit(experiment, "experiment.created" if created else "experiment.updated", actor, request_id, None,
+           after=_snapshot(experiment))
+
+
 def _audit(experiment: Experiment, action: str, actor: str, request_id: str, client_ip: str | None,
            **details: Any) -> None:
     audit_record(actor=actor, action=action, target=f"experiment:{experiment.name}",
@@ -204,6 +220,8 @@ def experiment_update(*, experiment_id: int, fields: dict, actor: str, request_i
     if "name" in fields and Experiment.objects.filter(name=fields["name"]).exclude(pk=experiment.pk).exists():
         raise _invalid(f"name: an experiment named {fields['name']!r} exists already.", "name",
                        code="experiment_exists")
+    if "mode" in fields and fields["mode"] != experiment.mode and experiment.status != Experiment.Status.DRAFT:
+        raise _invalid("mode: only a draft experiment can change its mode.", "mode")
     for name, value in fields.items():
         if name in EXPERIMENT_FIELDS:
             setattr(experiment, name, value)
