@@ -1,7 +1,8 @@
 """The experiment stage: applies the agent's running experiment to a turn, on every transport.
 
-    before(turn)    reads the agent's running experiment (experiments.selectors: one cache round
-                    trip, no query in steady state); a caller the experiment's feature flag leaves
+    cache_keys      the agent's running-experiment entry (experiments.selectors), read by the
+                    pipeline in its one cache round trip with the key and the agent;
+    before(turn)    takes that entry (no query in steady state: a miss loads and caches it); a caller the experiment's feature flag leaves
                     out is served the agent as it is. Otherwise the caller's sticky variant
                     (experiments.assignment) replaces `turn.agent` with the variant's
                     configuration — the one place a turn's model, fallbacks, system prompt,
@@ -35,7 +36,7 @@ from governance.flags import all_flags_async, flag_enabled
 from governance.masking import mask_data
 
 from .assignment import assign, in_shadow
-from .selectors import entry_running, experiment_cache_key, running_experiment_entry_from_db
+from .selectors import entry_for, entry_running, experiment_cache_key, running_experiment_entry_from_db
 
 if TYPE_CHECKING:
     from agents.pipeline import ChatTurn
@@ -65,11 +66,18 @@ def assignment_unit(turn: "ChatTurn") -> str:
 
 
 class ExperimentStage:
+    def cache_keys(self, agent_name: str) -> list[str]:
+        return [experiment_cache_key(agent_name)]
+
     async def before(self, turn: "ChatTurn") -> None:
-        key = experiment_cache_key(turn.agent.id)
-        entry = (await cache_get_many([key])).get(key)
+        agent = turn.agent
+        key = experiment_cache_key(agent.name)
+        # Read with the key and the agent (the pipeline's one round trip); a spec resolved some
+        # other way reads it here.
+        entry = agent.cached[key] if key in agent.cached else (await cache_get_many([key])).get(key)
+        entry = entry_for(entry, agent.id)
         if entry is None:
-            entry = await run_db(running_experiment_entry_from_db, turn.agent.id)
+            entry = await run_db(running_experiment_entry_from_db, agent.id, agent.name)
         if not entry_running(entry):
             return
         if entry["flag"]:

@@ -193,12 +193,12 @@ async def test_callers_left_out_by_the_flag_get_the_agent_as_it_is(demo, admin, 
 async def test_the_running_experiment_is_cached_per_agent_and_dropped_on_save(demo, admin, make_key):
     api = Api(await orm(make_key))
     await api.post(CHAT.format("demo"), {"message": "hi"})
-    assert cache.get(experiment_cache_key(demo.id)) == {"none": True}  # a miss is cached too
+    assert cache.get(experiment_cache_key("demo")) == {"none": True, "agent_id": demo.id}  # a miss is cached too
 
     created = (await create(admin, variants=only_variant())).json()
-    assert cache.get(experiment_cache_key(demo.id)) is None
+    assert cache.get(experiment_cache_key("demo")) is None
     assert (await api.post(CHAT.format("demo"), {"message": "hi"})).json()["variant"] == "treated"
-    assert cache.get(experiment_cache_key(demo.id))["id"] == created["id"]
+    assert cache.get(experiment_cache_key("demo"))["id"] == created["id"]
 
     # Warm, the entry is all a turn reads: a change that bypasses the signals (a queryset update)
     # is not seen until the entry expires — no query per request.
@@ -208,6 +208,19 @@ async def test_the_running_experiment_is_cached_per_agent_and_dropped_on_save(de
     await Api(admin).request("PATCH", f"{EXPERIMENTS}/{created['id']}", json={"status": "running"})
     await Api(admin).request("PATCH", f"{EXPERIMENTS}/{created['id']}", json={"status": "paused"})
     assert (await api.post(CHAT.format("demo"), {"message": "hi"})).json()["variant"] is None
+
+
+async def test_an_agent_taking_a_renamed_agents_name_is_not_in_its_experiment(demo, admin, make_agent, make_key):
+    await create(admin, variants=only_variant())
+    api = Api(await orm(make_key))
+    assert (await api.post(CHAT.format("demo"), {"message": "hi"})).json()["variant"] == "treated"
+
+    demo.name = "renamed"
+    await orm(demo.save)
+    await orm(make_agent, name="demo")
+
+    assert (await api.post(CHAT.format("demo"), {"message": "hi"})).json()["variant"] is None
+    assert (await api.post(CHAT.format("renamed"), {"message": "hi"})).json()["variant"] == "treated"
 
 
 # --- feedback ------------------------------------------------------------------------------------
