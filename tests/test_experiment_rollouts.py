@@ -143,6 +143,21 @@ async def test_a_failing_canary_is_rolled_back_audited_and_alerted(make_agent, m
     assert set(await traffic(key, 5)) == {(None, 200)}
 
 
+def test_a_notice_delivery_is_listed_and_retried_in_the_admin(admin_client, settings):
+    from billing.alerts import notice_send
+
+    settings.BUDGET_ALERT_EMAILS = ["ops@example.com"]
+    [delivery] = notice_send(event="experiment.rolled_back", subject="Canary rolled back", text="Details.",
+                             body={"experiment": "x"})
+    AlertDelivery.objects.filter(pk=delivery.pk).update(status="dead", attempts=6)
+
+    page = admin_client.get("/admin/billing/alertdelivery/?event=experiment.rolled_back")
+    assert page.status_code == 200 and "experiment.rolled_back" in page.content.decode()
+    assert admin_client.get(f"/admin/billing/alertdelivery/{delivery.pk}/change/").status_code == 200
+    admin_client.post("/admin/billing/alertdelivery/", {"action": "retry_dead", "_selected_action": [delivery.pk]})
+    assert AuditLog.objects.filter(action="experiment.rolled_back.retried", target="notice:experiment.rolled_back").exists()
+
+
 async def test_a_healthy_canary_ramps_step_by_step_to_completion(make_agent, make_key, admin, openai_settings):
     await orm(make_agent, name="gate", model="openai/stable-model")
     made = await canary(admin, "openai/new-model", canary_steps=[20, 60, 100])
