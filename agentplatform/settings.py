@@ -569,14 +569,14 @@ if not AUDIT_SEQUENCER_INTERVAL_SECONDS > 0:
 # --- Billing ------------------------------------------------------------------------------
 # USD per 1M tokens for a model without a ModelPrice row; records made with it are flagged
 # priced=False. Decimal strings; a malformed value fails at startup.
-def _decimal_setting(name: str, default: str):
+def _decimal_setting(name: str, default: str, what: str = "USD per 1M tokens"):
     from decimal import Decimal, InvalidOperation
 
     raw = env.str(name, default=default)
     try:
         value = Decimal(raw)
     except InvalidOperation:
-        raise ImproperlyConfigured(f"{name} must be a decimal number (USD per 1M tokens), not {raw!r}.") from None
+        raise ImproperlyConfigured(f"{name} must be a decimal number ({what}), not {raw!r}.") from None
     if not value.is_finite() or value < 0:
         raise ImproperlyConfigured(f"{name} must be a finite number >= 0, not {raw!r}.")
     return value
@@ -588,7 +588,7 @@ BILLING_DEFAULT_OUTPUT_PER_1M = _decimal_setting("BILLING_DEFAULT_OUTPUT_PER_1M"
 # --- Experiments --------------------------------------------------------------------------
 # Shadow traffic stops for the day (UTC) once the shadow runs of all experiments cost this
 # much (USD); empty: no cap. Shadow spend is never billed to the callers' keys or budgets.
-EXPERIMENT_SHADOW_DAILY_LIMIT_USD = (_decimal_setting("EXPERIMENT_SHADOW_DAILY_LIMIT_USD", "0")
+EXPERIMENT_SHADOW_DAILY_LIMIT_USD = (_decimal_setting("EXPERIMENT_SHADOW_DAILY_LIMIT_USD", "0", "USD per day")
                                      if env.str("EXPERIMENT_SHADOW_DAILY_LIMIT_USD", default="") else None)
 
 

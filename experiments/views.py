@@ -18,6 +18,7 @@ service call (experiments.services), audited with the key as actor.
 
 from __future__ import annotations
 
+from django.db import transaction
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, serializers, status
 from rest_framework.request import Request
@@ -200,10 +201,11 @@ class AdminExperimentDetailView(generics.GenericAPIView):
         promote = fields.pop("promote", None)
         if "variants" in fields:
             fields["variants"] = [dict(v) for v in fields["variants"]]
-        if fields:
-            experiment_update(experiment_id=experiment_id, fields=fields, **_audit_context(request))
-        if promote is not None:
-            experiment_promote(experiment_id=experiment_id, variant_name=promote, **_audit_context(request))
+        with transaction.atomic():  # both or neither
+            if fields:
+                experiment_update(experiment_id=experiment_id, fields=fields, **_audit_context(request))
+            if promote is not None:
+                experiment_promote(experiment_id=experiment_id, variant_name=promote, **_audit_context(request))
         return Response(experiment_payload(_experiment_or_404(experiment_id)))
 
 

@@ -70,6 +70,7 @@ SCENARIOS: dict[str, dict[str, str]] = {
     "bad_providers_json": {"DEBUG": "1", "LLM_PROVIDERS": "{oops"},
     "providers_redefine_openai": {"DEBUG": "1", "LLM_PROVIDERS": '{"openai": {"base_url": "http://x/v1"}}'},
     "bad_private_networks": {"DEBUG": "1", "HTTP_FETCH_ALLOW_PRIVATE_NETWORKS": "true"},
+    "bad_shadow_limit": {"DEBUG": "1", "EXPERIMENT_SHADOW_DAILY_LIMIT_USD": "ten dollars"},
 }
 
 
@@ -188,6 +189,8 @@ def test_it_fails_at_startup_on_malformed_values(outcomes):
     err = refused(outcomes, "providers_redefine_openai")
     assert "LLM_PROVIDERS" in err and "openai" in err
     assert "HTTP_FETCH_ALLOW_PRIVATE_NETWORKS: 'true' is not a network" in refused(outcomes, "bad_private_networks")
+    assert "EXPERIMENT_SHADOW_DAILY_LIMIT_USD must be a decimal number (USD per day)" in refused(outcomes,
+                                                                                                "bad_shadow_limit")
 
 
 def test_it_lets_skills_reach_only_public_addresses_unless_networks_are_listed(outcomes):
