@@ -47,6 +47,13 @@ class VariantFormSet(BaseInlineFormSet):
             raise ValidationError("Pause the experiment before changing its variants.")
 
 
+class InheritedJSONField(forms.JSONField):
+    """A variant's list override as compact JSON; an empty box is None (inherit the agent's)."""
+
+    def prepare_value(self, value):
+        return "" if value is None else super().prepare_value(value)
+
+
 class VariantInline(admin.TabularInline):
     model = Variant
     formset = VariantFormSet
@@ -57,7 +64,16 @@ class VariantInline(admin.TabularInline):
 
     def formfield_for_dbfield(self, db_field, request, **kwargs):
         if db_field.name == "system_prompt":
-            kwargs["widget"] = forms.Textarea(attrs={"rows": 2, "cols": 30})
+            # Empty: inherit the agent's prompt (None), not replace it with an empty one.
+            kwargs.update(widget=forms.Textarea(attrs={"rows": 2, "cols": 32, "placeholder": "inherit"}),
+                          empty_value=None)
+        elif db_field.name in ("fallback_models", "skills"):
+            kwargs.update(form_class=InheritedJSONField,
+                          widget=forms.TextInput(attrs={"size": 22, "placeholder": '["…"] or empty: inherit'}))
+        elif db_field.name == "model":
+            kwargs["widget"] = forms.TextInput(attrs={"size": 22, "placeholder": "inherit"})
+        elif db_field.name in ("weight", "temperature", "max_tokens"):
+            kwargs["widget"] = forms.NumberInput(attrs={"style": "width: 6em"})
         return super().formfield_for_dbfield(db_field, request, **kwargs)
 
 

@@ -457,8 +457,8 @@ def _admin_form(agent_id: int, variants: list[dict], **fields) -> dict:
             "variants-TOTAL_FORMS": len(variants), "variants-INITIAL_FORMS": 0, "variants-MIN_NUM_FORMS": 2,
             "variants-MAX_NUM_FORMS": 1000, **fields}
     for i, v in enumerate(variants):
-        for key, value in {"name": "", "weight": 0, "model": "", "fallback_models": "null", "system_prompt": "",
-                           "temperature": "", "max_tokens": "", "skills": "null", **v}.items():
+        for key, value in {"name": "", "weight": 0, "model": "", "fallback_models": "", "system_prompt": "",
+                           "temperature": "", "max_tokens": "", "skills": "", **v}.items():
             if key == "is_control":
                 if value:
                     data[f"variants-{i}-is_control"] = "on"
@@ -479,6 +479,8 @@ def test_the_admin_form_checks_the_variants_and_audits_the_save(admin_client, de
     assert good.status_code == 302, good.content.decode()[:2000]
     experiment = Experiment.objects.get()
     assert experiment.status == "draft" and [v.weight for v in experiment.variants.all()] == [60, 40]
+    # Empty boxes inherit the agent's configuration: only the model is overridden.
+    assert [v.overrides() for v in experiment.variants.all()] == [{}, {"model": "local/b"}]
     entry = AuditLog.objects.get(action="experiment.created")
     assert entry.actor.startswith("user:") and entry.details["after"]["variants"][1]["model"] == "local/b"
 
