@@ -27,7 +27,7 @@ from governance.audit import user_actor
 
 from .models import Experiment, ShadowRun, Variant
 from .results import experiment_results
-from .services import experiment_audit_saved, experiment_promote, experiment_update, validate_variants
+from .services import experiment_audit_deleted, experiment_audit_saved, experiment_promote, experiment_update, validate_variants
 
 SIDE_BY_SIDE = 20
 
@@ -150,6 +150,15 @@ class ExperimentAdmin(admin.ModelAdmin):
         experiment_audit_saved(experiment=form.instance, created=not change, actor=user_actor(request.user),
                                request_id=getattr(request, "request_id", "") or "")
         form.instance.save(update_fields=["updated_at"])  # drops the cached running experiment
+
+    def delete_model(self, request: HttpRequest, obj: Experiment) -> None:
+        experiment_audit_deleted(experiment=obj, actor=user_actor(request.user))
+        super().delete_model(request, obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for experiment in queryset.select_related("agent"):
+            experiment_audit_deleted(experiment=experiment, actor=user_actor(request.user))
+        super().delete_queryset(request, queryset)
 
     @admin.action(description="Start or resume selected experiments", permissions=["change"])
     def start_selected(self, request: HttpRequest, queryset: QuerySet) -> None:

@@ -167,6 +167,11 @@ def experiment_audit_saved(*, experiment: Experiment, created: bool, actor: str,
            after=_snapshot(experiment))
 
 
+def experiment_audit_deleted(*, experiment: Experiment, actor: str) -> None:
+    """Audit an experiment's deletion (its runs keep their variant and experiment id)."""
+    _audit(experiment, "experiment.deleted", actor, "", None, before=_snapshot(experiment))
+
+
 def _audit(experiment: Experiment, action: str, actor: str, request_id: str, client_ip: str | None,
            **details: Any) -> None:
     audit_record(actor=actor, action=action, target=f"experiment:{experiment.name}",

@@ -492,3 +492,7 @@ def test_the_admin_form_checks_the_variants_and_audits_the_save(admin_client, de
     page = admin_client.get(f"/admin/experiments/experiment/{experiment.pk}/results/")
     assert page.status_code == 200 and "Minimum sample not reached" in page.content.decode()
     assert admin_client.get("/admin/experiments/experiment/999/results/").status_code == 404
+
+    deleted = admin_client.post(f"/admin/experiments/experiment/{experiment.pk}/delete/", {"post": "yes"})
+    assert deleted.status_code == 302 and not Experiment.objects.exists()
+    assert AuditLog.objects.get(action="experiment.deleted").details["before"]["status"] == "running"
