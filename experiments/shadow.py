@@ -30,10 +30,11 @@ from agentplatform.db import run_db
 from agents.runtime import AgentRun
 from agents.selectors import agent_spec_from_model, agents_with_skills
 from billing.pricing import call_cost, price_from, prices_load
+from governance.masking import mask_data, mask_text
 
 from .models import ShadowRun, Variant
 from .selectors import variant_entry
-from .stages import variant_spec
+from .variants import variant_spec
 
 logger = logging.getLogger("experiments.shadow")
 
@@ -101,8 +102,10 @@ async def shadow_run_execute(shadow_id: int) -> str:
                           cached_prompt_tokens=int(getattr(c.usage, "cached_prompt_tokens", 0) or 0))
                 for c in run.calls), Decimal("0"))
     failed = run.error is not None or not run.finished
+    masked = spec.mask_transcripts  # kept as the live transcript is: masked (the model saw it as sent)
     fields = {"status": ShadowRun.Status.FAILED if failed else ShadowRun.Status.SUCCEEDED,
-              "model": run.model or spec.model, "output": run.output, "prompt_tokens": run.usage.prompt_tokens,
+              "model": run.model or spec.model, "output": mask_text(run.output) if masked else run.output,
+              **({"messages": mask_data(row.messages)} if masked else {}), "prompt_tokens": run.usage.prompt_tokens,
               "completion_tokens": run.usage.completion_tokens, "cost_usd": cost, "latency_ms": latency_ms,
               "error_code": run.error.code if run.error is not None else ("" if run.finished else "shadow_failed"),
               "finished_at": timezone.now()}

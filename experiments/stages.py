@@ -13,7 +13,8 @@
                     variant; REST answers, SSE `start`/`done` and the WebSocket `start` frame
                     carry it. A share of runs (`shadow_percent`) is marked for shadow traffic.
     persist(turn)   inside the run's transaction: a marked run that succeeded gets its ShadowRun
-                    row (the conversation it was sent), enqueued once that commits
+                    row (the conversation it was sent; masked once answered when the agent masks
+                    transcripts), enqueued once that commits
                     (experiments.shadow): the caller's answer, latency and budget never wait
                     for it.
 
@@ -23,36 +24,26 @@ narrows the variant's skills; the budget stage estimates with the variant's mode
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 from django.db import transaction
 
 from agentplatform.cache import cache_get_many
 from agentplatform.db import run_db
-from agents.selectors import AgentSpec
-from agents.skills.base import SkillSpec
+from agents.models import Run
 from governance.flags import all_flags_async, flag_enabled
-from governance.masking import mask_data
 
 from .assignment import assign, in_shadow
+from .models import ShadowRun
 from .selectors import entry_for, entry_running, experiment_cache_key, running_experiment_entry_from_db
+from .shadow import shadow_run_enqueue
+from .variants import variant_spec
 
 if TYPE_CHECKING:
     from agents.pipeline import ChatTurn
 
 NOTE = "experiments"
 VARIANT_HEADER = "X-Agent-Variant"
-
-
-def variant_spec(agent: AgentSpec, variant: dict) -> AgentSpec:
-    """The agent as the variant (a cache entry's variant) configures it."""
-    changes = dict(variant.get("overrides") or {})
-    if "fallback_models" in changes:
-        changes["fallback_models"] = tuple(changes["fallback_models"])
-    if "skills" in variant:
-        changes["skills"] = tuple(SkillSpec.from_dict(s) for s in variant["skills"])
-    return dataclasses.replace(agent, **changes) if changes else agent
 
 
 def assignment_unit(turn: "ChatTurn") -> str:
@@ -105,17 +96,12 @@ class ExperimentStage:
 
     def persist(self, turn: "ChatTurn") -> None:
         note = turn.notes.get(NOTE)
-        if not note or turn.status != "succeeded" or turn.store_error:
+        if not note or turn.status != Run.Status.SUCCEEDED or turn.store_error:
             return
-        from .models import ShadowRun
-        from .shadow import shadow_run_enqueue
-
         shadow_agent = variant_spec(note["base"], note["shadow"])
         messages = [m for m in turn.run.messages if m.get("role") != "system"]
         if shadow_agent.system_prompt:
             messages.insert(0, {"role": "system", "content": shadow_agent.system_prompt})
-        if turn.agent.mask_transcripts:
-            messages = mask_data(messages)
         row = ShadowRun.objects.create(experiment_id=turn.experiment_id, variant=note["shadow"]["name"],
                                        live_run_id=turn.run_id, messages=messages, model=shadow_agent.model)
         transaction.on_commit(lambda: shadow_run_enqueue(row.id))

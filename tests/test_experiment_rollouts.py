@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections import Counter
 from datetime import timedelta
 from decimal import Decimal
 
@@ -82,17 +83,12 @@ async def canary(admin: str, candidate_model: str, **fields) -> dict:
 
 
 async def traffic(key: str, n: int) -> Counter:
-    from collections import Counter
-
-    served = Counter()
+    served: Counter = Counter()
     api = Api(key)
     for i in range(n):
         response = await api.post(CHAT.format("gate"), {"message": f"question {i}"})
         served[(response.headers.get("X-Agent-Variant"), response.status_code)] += 1
     return served
-
-
-from collections import Counter  # noqa: E402  (used in annotations above)
 
 
 # --- canary -------------------------------------------------------------------------------------

@@ -4,11 +4,9 @@ validation, and the statistics against reference values (computed once with scip
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections import Counter
-from decimal import Decimal
 
 import pytest
 from channels.testing import WebsocketCommunicator
@@ -20,7 +18,7 @@ from billing.models import UsageRecord
 from conftest import Api, assert_error, orm, parse_sse
 from experiments import stats
 from experiments.assignment import assign
-from experiments.models import Experiment, Variant
+from experiments.models import Experiment
 from experiments.selectors import experiment_cache_key
 from governance.models import AuditLog
 
