@@ -287,3 +287,14 @@ async def test_shadow_traffic_stops_at_the_daily_cap(make_agent, make_key, admin
 
     skipped = await orm(wait_until, lambda: ShadowRun.objects.filter(status="skipped").first(), what="the skip")
     assert skipped.error_code == "shadow_limit_reached" and skipped.cost_usd == 0
+
+
+async def test_a_masking_agents_shadow_is_stored_masked(make_agent, make_key, admin, openai_settings, fake_upstream):
+    await orm(make_agent, name="gate", model="openai/live-model", mask_transcripts=True)
+    await shadowed(admin, "openai/shadow-model")
+
+    await Api(await orm(make_key)).post(CHAT.format("gate"), {"message": "Mail jane.doe@example.com please"})
+
+    shadow = await orm(wait_until, lambda: ShadowRun.objects.filter(status="succeeded").first(), what="the shadow run")
+    assert "jane.doe@example.com" not in json.dumps(shadow.messages) + shadow.output
+    assert fake_upstream.stats()["by_model"]["shadow-model"] == 1  # the model saw the conversation as sent
