@@ -292,7 +292,7 @@ _REFUSED = "refused"
 
 
 def _variant(turn: Any) -> str:
-    return str(getattr(turn, "variant", "") or turn.notes.get("variant") or "")
+    return str(getattr(turn, "variant", "") or "")
 
 
 class MetricsStage:

@@ -99,6 +99,7 @@ INSTALLED_APPS = [
     "governance",
     "agents",
     "billing",
+    "experiments",
 ]
 
 # Every middleware here is async-capable without a thread hop on the API paths: Django's
@@ -129,11 +130,12 @@ MIDDLEWARE = [
 API_PATH_PREFIXES = ("/api/", "/v1/", "/health", "/metrics")
 CORS_URLS_REGEX = r"^/(api|v1)/"
 CORS_ALLOW_HEADERS = (*_cors_default_headers, "idempotency-key", "x-request-id")
-# What a browser app may read: rate limits (governance.ratelimit), the request id, replays.
+# What a browser app may read: rate limits (governance.ratelimit), the request id, replays, the
+# experiment variant that answered (experiments.stages).
 CORS_EXPOSE_HEADERS = (
     "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
     "X-RateLimit-Limit-Tokens", "X-RateLimit-Remaining-Tokens", "X-RateLimit-Reset-Tokens",
-    "X-Request-ID", "Retry-After", "Idempotent-Replayed",
+    "X-Request-ID", "Retry-After", "Idempotent-Replayed", "X-Agent-Variant",
 )
 # Under /api/ but read by staff in a browser: these keep sessions (the docs page, its schema).
 API_PATHS_WITH_SESSION = ("/api/docs", "/api/schema")
@@ -287,6 +289,9 @@ CELERY_BEAT_SCHEDULE: dict = {
                                "schedule": float(env.int("RUN_SWEEP_SECONDS", default=30))},
     # Async runs and callbacks whose enqueue was lost (broker down, process gone): enqueued again.
     "requeue-lost-runs": {"task": "agents.tasks.requeue_lost_runs_task", "schedule": 60.0},
+    # Canary rollouts whose step is due: advanced, or rolled back (experiments.canary).
+    "advance-canaries": {"task": "experiments.tasks.canary_advance_task",
+                         "schedule": float(env.int("EXPERIMENT_CANARY_CHECK_SECONDS", default=60))},
 }
 # Run the beat schedule inside each ASGI process (agentplatform.scheduler): the embedded default,
 # where no Celery beat runs. Off by default once a broker is configured (run `celery beat`).
@@ -544,6 +549,8 @@ AUTH_PASSWORD_VALIDATORS = [
 AGENT_PIPELINE_STAGES: list[str] = [
     # First: it times and counts every turn, refused ones included (its `refused` sees them all).
     "agentplatform.metrics.MetricsStage",
+    # Before the flag and budget stages: they see the variant's skills and models.
+    "experiments.stages.ExperimentStage",
     "governance.guards.InputGuardStage",
     "governance.flags.FeatureFlagStage",
     "governance.ratelimit.RateLimitStage",
@@ -577,14 +584,14 @@ if not AUDIT_SEQUENCER_INTERVAL_SECONDS > 0:
 # --- Billing ------------------------------------------------------------------------------
 # USD per 1M tokens for a model without a ModelPrice row; records made with it are flagged
 # priced=False. Decimal strings; a malformed value fails at startup.
-def _decimal_setting(name: str, default: str):
+def _decimal_setting(name: str, default: str, what: str = "USD per 1M tokens"):
     from decimal import Decimal, InvalidOperation
 
     raw = env.str(name, default=default)
     try:
         value = Decimal(raw)
     except InvalidOperation:
-        raise ImproperlyConfigured(f"{name} must be a decimal number (USD per 1M tokens), not {raw!r}.") from None
+        raise ImproperlyConfigured(f"{name} must be a decimal number ({what}), not {raw!r}.") from None
     if not value.is_finite() or value < 0:
         raise ImproperlyConfigured(f"{name} must be a finite number >= 0, not {raw!r}.")
     return value
@@ -592,6 +599,12 @@ def _decimal_setting(name: str, default: str):
 
 BILLING_DEFAULT_INPUT_PER_1M = _decimal_setting("BILLING_DEFAULT_INPUT_PER_1M", "10")
 BILLING_DEFAULT_OUTPUT_PER_1M = _decimal_setting("BILLING_DEFAULT_OUTPUT_PER_1M", "30")
+
+# --- Experiments --------------------------------------------------------------------------
+# Shadow traffic stops for the day (UTC) once the shadow runs of all experiments cost this
+# much (USD); empty: no cap. Shadow spend is never billed to the callers' keys or budgets.
+EXPERIMENT_SHADOW_DAILY_LIMIT_USD = (_decimal_setting("EXPERIMENT_SHADOW_DAILY_LIMIT_USD", "0", "USD per day")
+                                     if env.str("EXPERIMENT_SHADOW_DAILY_LIMIT_USD", default="") else None)
 
 
 # --- Budget alerts and e-mail -------------------------------------------------------------

@@ -19,13 +19,11 @@ from __future__ import annotations
 import uuid
 
 from django.contrib import admin, messages
-from django.db import transaction
 from django.db.models import Count
 from django.http import HttpRequest, HttpResponse
 from django.middleware.csrf import get_token
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.utils import timezone
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions as drf_exceptions
 from rest_framework import generics
@@ -39,10 +37,10 @@ from agentplatform.asyncviews import client_ip
 from agentplatform.csp import websocket_page_csp
 from agentplatform.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 from agentplatform.methods import http_methods
-from governance.audit import audit_record, user_actor
 
 from .models import Agent, Message, Run, Session
 from .selectors import run_usage, runs_with_usage, usd_text
+from .services import run_feedback_set
 
 # A reopened session shows at most its latest this many messages.
 SESSION_MESSAGES_LIMIT = 500
@@ -187,24 +185,6 @@ class SessionDetailView(ConsoleView):
         return Response({**_session_payload(session), "truncated": session.message_count > len(latest),
                          "messages": [_message_payload(m) for m in latest],
                          "runs": [_run_payload(r) for r in runs]})
-
-
-def run_feedback_set(*, run_id: uuid.UUID, user, value: int | None, request_id: str = "",
-                     client_ip: str | None = None) -> Run:
-    """Record a staff user's rating of an answer of one of their sessions, audited with it."""
-    with transaction.atomic():
-        run = Run.objects.select_for_update().filter(pk=run_id, session__user=user).first()
-        if run is None:
-            raise NotFound("No such run in your sessions (a reply is stored once it has finished).",
-                           code="run_not_found", param="run_id")
-        previous = run.feedback
-        run.feedback = value
-        run.feedback_at = timezone.now() if value is not None else None
-        run.save(update_fields=["feedback", "feedback_at"])
-        audit_record(actor=user_actor(user), action="run.feedback", target=f"run:{run.id}",
-                     details={"value": value, "previous": previous, "agent_id": run.agent_id},
-                     request_id=request_id, client_ip=client_ip)
-    return run
 
 
 @extend_schema(exclude=True)

@@ -174,8 +174,10 @@ class Run(models.Model):
     feedback = models.SmallIntegerField(null=True, blank=True, choices=[(1, "up"), (-1, "down")])
     feedback_at = models.DateTimeField(null=True, blank=True)
     feedback_comment = models.TextField(blank=True)
-    # The experiment variant that served the run ("" when none applied).
+    # The experiment variant that served the run ("" when none applied), and its experiment's
+    # id (experiments.Experiment; a plain column: agents does not import the experiments app).
     variant = models.CharField(max_length=100, blank=True)
+    experiment_id = models.PositiveIntegerField(null=True, blank=True, db_index=True)
     # Crash safety (agents.recovery): a running run's worker renews this lease; a run whose
     # lease ran out is ended as interrupted. `reservation` is its open budget reservation
     # ({"spend_ids": [...], "amount": "..."}), settled by whoever ends the run.

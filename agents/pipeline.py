@@ -9,6 +9,10 @@ rate limits, idempotency, budgets, metering and audit apply to all of them alike
 
 Stages (settings.AGENT_PIPELINE_STAGES, dotted paths to classes) hook in around the run,
 each defining any of:
+  `cache_keys(agent_name)` sync, no I/O: the shared-cache entries the stage reads on every
+                        turn of that agent; fetched with the API key and the agent in their one
+                        round trip (`principal_and_agent`) and handed over as `turn.agent.cached`
+                        ({key: entry, or None for a miss});
   `async before(turn)`  may raise a PlatformError to refuse the turn before the model is
                         called (rate limit, budget, guard); may narrow `turn.skills` or add
                         `turn.response_headers`;
@@ -42,6 +46,7 @@ that nobody metered.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -66,6 +71,7 @@ from governance.services import split_key
 
 from .models import Message, Run, Session
 from .runtime import AgentRun
+from .streaming import with_turn_headers
 from .selectors import (
     AgentSpec,
     agent_cache_key,
@@ -100,20 +106,27 @@ class RunAlreadyEnded(Exception):
 
 
 async def principal_and_agent(key: str | None, agent_name: str | None) -> tuple[Principal | None, AgentSpec | None]:
-    """Resolve the caller's key and the agent in one cache round trip (no query when warm)."""
+    """Resolve the caller's key and the agent in one cache round trip (no query when warm),
+    with the entries the stages read on every turn (their `cache_keys`)."""
     prefix = split_key(key) if key else None
     keys = []
+    staged: list[str] = []
     if prefix:
         keys.append(api_key_cache_key(prefix))
     if agent_name:
         keys.append(agent_cache_key(agent_name))
+        staged = [k for cache_keys in _hooks("cache_keys") for k in cache_keys(agent_name)]
+        keys += staged
     found = await cache_get_many(keys) if keys else {}
     key_entry = found.get(api_key_cache_key(prefix)) if prefix else None
     agent_entry = found.get(agent_cache_key(agent_name)) if agent_name else None
     if (prefix and key_entry is None) or (agent_name and agent_entry is None):
         key_entry, agent_entry = await run_db(_load_entries, prefix, key_entry, agent_name, agent_entry)
     principal = principal_from_entry(key_entry, key) if key and prefix else None
-    return principal, agent_spec_from_entry(agent_entry)
+    agent = agent_spec_from_entry(agent_entry)
+    if agent is not None and staged:
+        agent = dataclasses.replace(agent, cached={k: found.get(k) for k in staged})
+    return principal, agent
 
 
 def _load_entries(prefix, key_entry, agent_name, agent_entry):
@@ -151,6 +164,10 @@ class ChatTurn:
     client_ip: str | None = None
     # Set by the pipeline and its stages:
     skills: tuple = ()
+    # The experiment variant serving the turn (experiments.stages sets both, and `agent` to the
+    # variant's configuration): stored on the run, its usage and audit entry, returned to the client.
+    variant: str = ""
+    experiment_id: int | None = None
     response_headers: dict = field(default_factory=dict)
     # What stages want to remember between before/persist/after (keyed by stage).
     notes: dict = field(default_factory=dict)
@@ -239,7 +256,7 @@ class ChatTurn:
                 "api_key_id": self.principal.key_id if self.principal else None,
                 "request_id": self.request_id or "", "started_at": self.started_at,
                 "lease_expires_at": lease_deadline(), "reservation": self.reservation,
-                "variant": str(getattr(self, "variant", "") or "")[:100],
+                "variant": self.variant[:100], "experiment_id": self.experiment_id,
                 "metadata": {"checkpoint": {"prompt_tokens": self.notes["_prompt_estimate"]}},
             }
             if self.queued:
@@ -370,7 +387,7 @@ class ChatTurn:
                                   "metadata": client_metadata, "last_activity_at": now})
             ended = Run.objects.filter(pk=self.run_id, status=Run.Status.RUNNING).update(
                 session=session, lease_expires_at=None, reservation={},
-                variant=str(getattr(self, "variant", "") or "")[:100],
+                variant=self.variant[:100], experiment_id=self.experiment_id,
                 output=clean(run.output if self.status == Run.Status.SUCCEEDED else run.partial_output)
                 if self.transport == Run.Transport.TASK else "",
                 status=self.status, model=_model_of(run),
@@ -421,6 +438,7 @@ class ChatTurn:
             "usage": run.usage.as_dict(),
             "cost_usd": str(self.cost_usd) if self.cost_usd is not None else None,
             "latency_ms": self.latency_ms,
+            "variant": self.variant or None,
         }
 
 
@@ -443,7 +461,7 @@ def session_title(messages: list[dict], clean=_same) -> str:
     return ""
 
 
-_HOOKS = ("before", "start", "refused", "finished", "persist", "after")
+_HOOKS = ("cache_keys", "before", "start", "refused", "finished", "persist", "after")
 _stage_cache: tuple[tuple[str, ...], dict[str, list]] | None = None
 
 
@@ -466,5 +484,5 @@ async def chat_complete(turn: ChatTurn) -> dict:
     async for _ in turn.events():
         pass
     if turn.run.error is not None:
-        raise turn.run.error
+        raise with_turn_headers(turn, turn.run.error)
     return turn.result()

@@ -585,7 +585,8 @@ def run_payload(run: Run) -> dict:
         "queued_at": run.queued_at.isoformat() if run.queued_at else None,
         "started_at": run.started_at.isoformat() if run.status != Run.Status.QUEUED else None,
         "finished_at": run.finished_at.isoformat() if run.finished_at else None,
-        "latency_ms": run.latency_ms, "callback": callback,
+        "latency_ms": run.latency_ms, "callback": callback, "variant": run.variant or None,
+        "feedback": run.feedback,
     }
 
 

@@ -40,6 +40,9 @@ class AgentSpec:
     mask_transcripts: bool = False
     block_prompt_injection: bool = False
     max_retries: int | None = None  # None: settings.LLM_MAX_RETRIES
+    # Request-scoped, never cached: the entries the pipeline stages asked for (their
+    # `cache_keys` hook), read in the same cache round trip as this spec (None: a miss).
+    cached: dict = field(default_factory=dict, compare=False, repr=False)
 
     def as_dict(self) -> dict:
         return {"id": self.id, "name": self.name, "description": self.description, "model": self.model,

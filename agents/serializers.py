@@ -55,6 +55,8 @@ class ChatResponseSerializer(serializers.Serializer):
     tool_calls = ToolCallResultSerializer(many=True)
     usage = UsageSerializer()
     latency_ms = serializers.IntegerField()
+    variant = serializers.CharField(allow_null=True, help_text="The experiment variant that served the turn "
+                                                               "(also the X-Agent-Variant header); null: none.")
 
 
 class SkillSummarySerializer(serializers.Serializer):
@@ -167,6 +169,8 @@ class RunSerializer(serializers.Serializer):
     finished_at = serializers.DateTimeField(allow_null=True)
     latency_ms = serializers.IntegerField(allow_null=True)
     callback = RunCallbackSerializer(allow_null=True)
+    variant = serializers.CharField(allow_null=True, help_text="The experiment variant that served the run.")
+    feedback = serializers.IntegerField(allow_null=True, help_text="The rating given (1, -1) or null.")
 
 
 class RunQuerySerializer(serializers.Serializer):

@@ -16,7 +16,7 @@ that is an `error` event. The OpenAI-compatible stream's role chunk waits for th
 
 Events: `start` {run_id, session_id, agent, model, variant?}; the runtime's own `delta`,
 `tool_call`, `tool_result`, `usage`; then exactly one of `done` {id, run_id, session_id, agent,
-model, output, tool_calls, finish_reason, usage, cost_usd, latency_ms, cancelled} or `error`
+model, output, tool_calls, finish_reason, usage, cost_usd, latency_ms, variant, cancelled} or `error`
 {code, message, status, request_id, param?, details?, retry_after?, run_id?, session_id?}: the
 fields of our one JSON error shape, flat. The pipeline (ChatTurn.events) sends `done`/`error`
 only once the run is committed, so a client that reads its run right after `done` finds it.
@@ -51,8 +51,8 @@ def start_event(turn: ChatTurn) -> dict:
     event = {"type": "start", "run_id": str(turn.run_id),
              "session_id": str(turn.session_id) if turn.session_id else None,
              "agent": turn.agent.name, "model": turn.agent.model}
-    if turn.notes.get("variant"):
-        event["variant"] = str(turn.notes["variant"])
+    if turn.variant:
+        event["variant"] = turn.variant
     return event
 
 
@@ -105,6 +105,14 @@ def turn_error(turn: ChatTurn, event: dict) -> PlatformError:
     return PlatformError(event.get("message"), code=event.get("code"), http_status=event.get("status"))
 
 
+def with_turn_headers(turn: ChatTurn, error: PlatformError) -> PlatformError:
+    """The error answered with the turn's response headers too (X-Agent-Variant: a failed
+    request still says which variant failed); the error's own headers win."""
+    if turn.response_headers:
+        error.headers = {**turn.response_headers, **error.headers}
+    return error
+
+
 def turn_error_event(turn: ChatTurn, event: dict) -> dict:
     """The `error` event of a run that failed, naming its run and session."""
     return error_event(turn_error(turn, event), turn.request_id, run_id=str(turn.run_id),
@@ -126,7 +134,7 @@ async def answered(turn: ChatTurn, wait: float) -> AsyncIterator[dict]:
     try:
         await asyncio.wait((first,), timeout=wait)
         if first.done() and (event := first.result()) is not None and event["type"] == "error":
-            raise turn_error(turn, event)
+            raise with_turn_headers(turn, turn_error(turn, event))
     except BaseException:
         await resumed.aclose()
         raise

@@ -4,6 +4,7 @@
     GET  /api/v1/runs                 the caller's runs (an admin key: all), newest first
     GET  /api/v1/runs/{id}            one of them; another key's run is a 404
     POST /api/v1/runs/{id}/cancel     queued: cancelled at once; running: its worker stops it
+    POST /api/v1/runs/{id}/feedback   {rating: 1|-1, comment?}: a rating of the answer (any transport's run)
 
 Queueing is async like chat (the key and agent from the cache, the callback URL's host resolved
 off the loop); the reads and the cancel are plain DRF views.
@@ -15,7 +16,7 @@ import uuid
 
 from django.http import JsonResponse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import generics
+from rest_framework import generics, serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -23,6 +24,7 @@ from rest_framework.views import APIView
 from agentplatform.asyncviews import AsyncAPIView, client_ip, parse_json_body, require_principal
 from agentplatform.db import run_db
 from agentplatform.errors import NotFound
+from agentplatform.serializers import StrictSerializer
 from governance.idempotency import idempotent
 from governance.permissions import owned_by_key
 from governance.selectors import presented_key
@@ -32,6 +34,7 @@ from .models import Run
 from .pipeline import authorize_agent, principal_and_agent
 from .runs import async_run_create, callback_url_check, run_cancel, run_payload
 from .selectors import runs_with_usage
+from .services import FEEDBACK_COMMENT_MAX_CHARS, run_feedback_set
 from .serializers import RunCreateRequestSerializer, RunQuerySerializer, RunSerializer
 
 RUN_ERRORS = {
@@ -137,3 +140,33 @@ class RunCancelView(APIView):
         run_cancel(run_id=run_id, principal=request.user, request_id=getattr(request, "request_id", "") or "",
                    client_ip=client_ip(request))
         return Response(run_payload(_run_or_404(request.user, run_id)))
+
+
+class RunFeedbackSerializer(StrictSerializer):
+    rating = serializers.IntegerField(help_text="1 (thumbs up) or -1 (thumbs down).")
+    comment = serializers.CharField(required=False, allow_blank=True, max_length=FEEDBACK_COMMENT_MAX_CHARS)
+
+    def validate_rating(self, value: int) -> int:
+        # Exactly the JSON numbers 1 and -1 (DRF's IntegerField would take "1", 1.0 or true).
+        if type(self.initial_data.get("rating")) is not int or value not in (1, -1):
+            raise serializers.ValidationError("Must be 1 (thumbs up) or -1 (thumbs down).")
+        return value
+
+
+class RunFeedbackView(APIView):
+    @extend_schema(request=RunFeedbackSerializer,
+                   responses={200: OpenApiResponse(description="{run_id, rating, comment, feedback_at, variant}"),
+                              400: OpenApiResponse(description="`rating` is not 1 or -1, or an unknown field."),
+                              **RUN_ERRORS},
+                   description="Rate an answer: the caller's own runs (an admin key: any run), once finished. "
+                               "Rating again replaces the rating. Experiments count it per variant; the chat "
+                               "console's thumbs record the same way.")
+    def post(self, request: Request, run_id: uuid.UUID) -> Response:
+        serializer = RunFeedbackSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        run = run_feedback_set(run_id=run_id, value=data["rating"], comment=data.get("comment"),
+                               principal=request.user, request_id=getattr(request, "request_id", "") or "",
+                               client_ip=client_ip(request))
+        return Response({"run_id": str(run.id), "rating": run.feedback, "comment": run.feedback_comment,
+                         "feedback_at": run.feedback_at, "variant": run.variant or None})

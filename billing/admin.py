@@ -225,12 +225,13 @@ class BudgetAlertAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 class AlertDeliveryAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     """Deliveries and dead letters (status "dead": out of retries). "Retry" sends dead ones again."""
 
-    list_display = ["id", "alert", "channel", "status", "attempts", "short_error", "delivered_at", "updated_at"]
-    list_filter = ["status", "channel"]
+    list_display = ["id", "event", "alert", "channel", "status", "attempts", "short_error", "delivered_at",
+                    "updated_at"]
+    list_filter = ["status", "channel", "event"]
     search_fields = ["target", "alert__budget__name"]
     list_select_related = ["alert__budget"]
-    fields = ["alert", "channel", "target", "status", "attempts", "last_error", "created_at", "updated_at",
-              "delivered_at"]
+    fields = ["event", "alert", "channel", "target", "status", "attempts", "last_error", "payload", "created_at",
+              "updated_at", "delivered_at"]
     readonly_fields = fields
     actions = ["retry_dead"]
     show_full_result_count = False

@@ -16,6 +16,9 @@ the loser's IntegrityError just means "already fired". The alert, its AlertDeliv
 
 Lock order (as budget_settle): the audit chain's lock first, then budget rows, then alert rows.
 
+Other notices (`notice_send`: an experiment's canary rolled back) use the same deliveries, to the
+default recipients, with their own event name, subject, text and webhook body.
+
 Delivering. One AlertDelivery per channel: `email` (the budget's alert_emails, else
 BUDGET_ALERT_EMAILS; one message to all of them) and `webhook` (the budget's alert_webhook_url,
 else BUDGET_ALERT_WEBHOOK_URL). billing.tasks runs `alert_delivery_attempt` and retries with
@@ -181,6 +184,31 @@ def check_budget_alerts(now: datetime | None = None) -> int:
     return fired
 
 
+def _default_targets() -> list[tuple[str, str]]:
+    out = []
+    if settings.BUDGET_ALERT_EMAILS:
+        out.append((AlertDelivery.Channel.EMAIL, ", ".join(settings.BUDGET_ALERT_EMAILS)))
+    if settings.BUDGET_ALERT_WEBHOOK_URL:
+        out.append((AlertDelivery.Channel.WEBHOOK, settings.BUDGET_ALERT_WEBHOOK_URL))
+    return out
+
+
+def notice_send(*, event: str, subject: str, text: str, body: dict) -> list[AlertDelivery]:
+    """An operational notice that is not a budget's (e.g. "experiment.rolled_back"), sent through
+    the alerts' channels: BUDGET_ALERT_EMAILS and BUDGET_ALERT_WEBHOOK_URL (signed with
+    BUDGET_ALERT_WEBHOOK_SECRET), with the same retries, dead letters and admin retry. The webhook
+    POSTs `body` plus type, delivery_id, attempt and sent_at. Call inside the transaction of the
+    change it reports: the deliveries are enqueued once it commits."""
+    made = AlertDelivery.objects.bulk_create([
+        AlertDelivery(alert=None, event=event, channel=channel, target=target,
+                      payload={"subject": subject, "text": text, "body": body})
+        for channel, target in _default_targets()])
+    if made:
+        jobs = [(d.id, d.channel) for d in made]
+        transaction.on_commit(lambda: alert_deliveries_enqueue(jobs))
+    return made
+
+
 # --- enqueueing ------------------------------------------------------------------------------
 
 
@@ -275,8 +303,9 @@ def alert_delivery_attempt(*, delivery_id: int) -> Attempt:
                 changed = AlertDelivery.objects.filter(pk=delivery_id, status=AlertDelivery.Status.PENDING).update(
                     status=AlertDelivery.Status.DEAD, attempts=attempts, last_error=error, updated_at=now)
                 if changed:
-                    audit_record(actor="system", action="budget.alert.dead_letter",
-                                 target=f"budget:{delivery.alert.budget_id}", outcome="error",
+                    audit_record(actor="system", action=f"{delivery.event}.dead_letter",
+                                 target=f"budget:{delivery.alert.budget_id}" if delivery.alert_id
+                                 else f"notice:{delivery.event}", outcome="error",
                                  details={"alert_id": delivery.alert_id, "delivery_id": delivery_id,
                                           "channel": delivery.channel, "attempts": attempts, "error": error,
                                           "permanent": exc.permanent})
@@ -325,11 +354,17 @@ def alert_payload(alert: BudgetAlert, *, delivery_id: int | None = None, attempt
     }
 
 
+def _notice_payload(delivery: AlertDelivery, attempt: int) -> dict:
+    return {"type": delivery.event, **(delivery.payload.get("body") or {}), "delivery_id": delivery.id,
+            "attempt": attempt, "sent_at": timezone.now().isoformat()}
+
+
 def _post_webhook(delivery: AlertDelivery, attempt: int) -> None:
-    payload = alert_payload(delivery.alert, delivery_id=delivery.id, attempt=attempt)
+    payload = (alert_payload(delivery.alert, delivery_id=delivery.id, attempt=attempt) if delivery.alert_id
+               else _notice_payload(delivery, attempt))
     body = webhook_body(payload)
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
-               EVENT_HEADER: "budget.alert", DELIVERY_HEADER: str(delivery.id)}
+               EVENT_HEADER: delivery.event, DELIVERY_HEADER: str(delivery.id)}
     if settings.BUDGET_ALERT_WEBHOOK_SECRET:
         headers[SIGNATURE_HEADER] = webhook_signature(body, settings.BUDGET_ALERT_WEBHOOK_SECRET)
     try:
@@ -344,6 +379,9 @@ def _post_webhook(delivery: AlertDelivery, attempt: int) -> None:
 
 
 def _send_email(delivery: AlertDelivery) -> None:
+    if delivery.alert_id is None:
+        _send_notice_email(delivery)
+        return
     alert = delivery.alert
     budget = alert.budget
     recipients = [a.strip() for a in delivery.target.split(",") if a.strip()]
@@ -372,6 +410,17 @@ def _send_email(delivery: AlertDelivery) -> None:
         raise DeliveryFailed(f"{type(exc).__name__}: {exc}") from None
 
 
+def _send_notice_email(delivery: AlertDelivery) -> None:
+    recipients = [a.strip() for a in delivery.target.split(",") if a.strip()]
+    if not recipients:
+        raise DeliveryFailed("No recipients.", permanent=True)
+    try:
+        send_mail(delivery.payload.get("subject") or delivery.event, delivery.payload.get("text") or "",
+                  settings.DEFAULT_FROM_EMAIL, recipients, fail_silently=False)
+    except Exception as exc:  # SMTP errors, refused recipients, connection failures
+        raise DeliveryFailed(f"{type(exc).__name__}: {exc}") from None
+
+
 def alert_deliveries_retry(*, ids: Iterable[int], actor: str) -> int:
     """Send dead deliveries again from their first attempt (the admin's retry action)."""
     from governance.audit import audit_record
@@ -384,7 +433,8 @@ def alert_deliveries_retry(*, ids: Iterable[int], actor: str) -> int:
         AlertDelivery.objects.filter(id__in=[d.id for d in dead]).update(
             status=AlertDelivery.Status.PENDING, attempts=0, updated_at=timezone.now())
         for delivery in dead:
-            audit_record(actor=actor, action="budget.alert.retried", target=f"alert:{delivery.alert_id}",
+            audit_record(actor=actor, action=f"{delivery.event}.retried",
+                         target=f"alert:{delivery.alert_id}" if delivery.alert_id else f"notice:{delivery.event}",
                          details={"delivery_id": delivery.id, "channel": delivery.channel,
                                   "previous_attempts": delivery.attempts})
         jobs = [(d.id, d.channel) for d in dead]

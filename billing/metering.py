@@ -118,7 +118,7 @@ class MeteringStage:
         UsageRecord.objects.bulk_create([
             UsageRecord(created_at=now, run_id=turn.run_id, api_key_id=principal.key_id if principal else None,
                         agent_id=turn.agent.id, model=c.model, session_id=turn.session_id if turn.use_session else None,
-                        request_id=(turn.request_id or "")[:128], variant=str(turn.notes.get("variant") or "")[:100],
+                        request_id=(turn.request_id or "")[:128], variant=turn.variant[:100],
                         prompt_tokens=c.prompt_tokens, cached_prompt_tokens=c.cached_prompt_tokens,
                         completion_tokens=c.completion_tokens, cost_usd=Decimal(c.cost_usd), estimated=c.estimated,
                         priced=c.priced, starts_run=index == 0 and turn.run_id is not None

@@ -163,7 +163,11 @@ class AlertDelivery(models.Model):
         SENT = "sent"
         DEAD = "dead"
 
-    alert = models.ForeignKey(BudgetAlert, on_delete=models.CASCADE, related_name="deliveries")
+    # A budget's alert; None for another operational notice (billing.alerts.notice_send: an
+    # experiment's canary rolled back), whose `event` and `payload` say what it is.
+    alert = models.ForeignKey(BudgetAlert, null=True, blank=True, on_delete=models.CASCADE, related_name="deliveries")
+    event = models.CharField(max_length=64, default="budget.alert")
+    payload = models.JSONField(default=dict, blank=True, help_text="A notice's subject, text and webhook body.")
     channel = models.CharField(max_length=16, choices=Channel.choices)
     target = models.CharField(max_length=2000, help_text="E-mail addresses (comma-separated) or the webhook URL.")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)

@@ -490,6 +490,8 @@ class AuditStage:
             "session_id": str(turn.session_id) if turn.session_id else None,
             "run_id": str(turn.run_id),
         }
+        if turn.variant:
+            details["experiment_id"], details["variant"] = turn.experiment_id, turn.variant
         if run.error is not None:
             details["error_code"] = run.error.code
         if turn.store_error:

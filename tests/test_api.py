@@ -175,7 +175,9 @@ async def test_it_answers_a_chat_message_and_stores_the_run(agents, key):
 
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"id", "session_id", "agent", "model", "output", "tool_calls", "usage", "cost_usd", "latency_ms"}
+    assert set(body) == {"id", "session_id", "agent", "model", "output", "tool_calls", "usage", "cost_usd", "latency_ms",
+                         "variant"}
+    assert body["variant"] is None  # no experiment runs on the agent
     assert body["agent"] == "demo"
     assert body["model"] == "local/demo"
     assert body["output"] == "You said: Hello there"

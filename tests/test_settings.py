@@ -72,6 +72,7 @@ SCENARIOS: dict[str, dict[str, str]] = {
     "bad_private_networks": {"DEBUG": "1", "HTTP_FETCH_ALLOW_PRIVATE_NETWORKS": "true"},
     "bad_rate_limit_fail_mode": {"DEBUG": "1", "RATE_LIMIT_FAIL_MODE": "sometimes"},
     "zero_redis_timeout": {"DEBUG": "1", "REDIS_TIMEOUT_SECONDS": "0"},
+    "bad_shadow_limit": {"DEBUG": "1", "EXPERIMENT_SHADOW_DAILY_LIMIT_USD": "ten dollars"},
 }
 
 
@@ -194,6 +195,8 @@ def test_it_fails_at_startup_on_malformed_values(outcomes):
     assert "HTTP_FETCH_ALLOW_PRIVATE_NETWORKS: 'true' is not a network" in refused(outcomes, "bad_private_networks")
     assert "RATE_LIMIT_FAIL_MODE must be 'open' or 'closed'" in refused(outcomes, "bad_rate_limit_fail_mode")
     assert "REDIS_TIMEOUT_SECONDS" in refused(outcomes, "zero_redis_timeout")
+    assert "EXPERIMENT_SHADOW_DAILY_LIMIT_USD must be a decimal number (USD per day)" in refused(outcomes,
+                                                                                                "bad_shadow_limit")
 
 
 def test_it_lets_skills_reach_only_public_addresses_unless_networks_are_listed(outcomes):

@@ -80,7 +80,8 @@ async def test_a_request_nests_stages_the_run_its_model_calls_and_tools(make_age
     assert traces == {request.context.trace_id}  # one trace for the whole request
 
     stages = [s.name for s in children[request.context.span_id] if s.name.startswith("stage ")]
-    assert stages[:3] == ["stage MetricsStage.before", "stage InputGuardStage.before", "stage FeatureFlagStage.before"]
+    assert stages[:4] == ["stage MetricsStage.before", "stage ExperimentStage.before", "stage InputGuardStage.before",
+                          "stage FeatureFlagStage.before"]
     assert "stage BudgetStage.before" in stages and "stage RateLimitStage.after" in stages
     [run] = named(spans, "agent.run")
     assert parent_of(run, by_id) is request
