@@ -184,11 +184,19 @@ async def test_log_records_carry_the_trace_id(make_agent, make_key, spans, caplo
     key = await orm(make_key)
     from agentplatform.logs import ContextFilter
 
+    # On the logger itself: when this test runs first in its process, django.setup() (the ASGI
+    # app's first import) configures logging after caplog put its handler on the root logger.
+    turn_logger = logging.getLogger("agentplatform.turn")
+    turn_logger.addHandler(caplog.handler)
     caplog.handler.addFilter(ContextFilter())
-    with caplog.at_level(logging.INFO, logger="agentplatform.turn"):
-        response = await Api(key).post("/api/v1/agents/correlated/chat", {"message": "hi"})
+    try:
+        with caplog.at_level(logging.INFO, logger="agentplatform.turn"):
+            response = await Api(key).post("/api/v1/agents/correlated/chat", {"message": "hi"})
+    finally:
+        turn_logger.removeHandler(caplog.handler)
 
-    [record] = [r for r in caplog.records if r.name == "agentplatform.turn"]
+    # (Seen once or twice: also through the root logger when caplog's handler is still there.)
+    [record] = {id(r): r for r in caplog.records if r.name == "agentplatform.turn"}.values()
     [request] = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
     assert record.trace_id == format(request.context.trace_id, "032x")
     assert record.run_id == response.json()["id"]
