@@ -23,23 +23,31 @@ def _worker_metrics_port(**kwargs) -> None:
         metrics_port_serve(settings.METRICS_PORT)
 
 
-def task_enqueue(task, *, args: list) -> None:
-    """Send `task` to the broker: the one door for enqueues from the request path. While the
-    broker's Redis is down (agentplatform.cache's outage detector) it raises at once instead of
-    stalling on connection retries; a failure is reported to the detector. Callers log and rely on
-    the beat's backstops to enqueue again (agents.runs.runs_requeue_lost, the alert scan)."""
+def broker_call(fn):
+    """fn() against the broker, through agentplatform.cache's outage detector when the broker is
+    a Redis: while it is down, raises at once (ConnectionError naming the outage) instead of
+    stalling on connection retries; a failure is reported to the detector, a success ends it."""
     from .cache import redis_outage
 
     url = str(app.conf.broker_url or "")
     outage = redis_outage(url) if url.startswith(("redis://", "rediss://", "unix://")) else None
-    if outage is not None and outage.is_down():
-        raise ConnectionError(f"broker unavailable: {outage.status()['detail']}")
+    if outage is None:
+        return fn()
+    if outage.is_down():
+        raise ConnectionError(f"Redis {outage.status()['detail']}")
     try:
-        # One quick retry, not kombu's default of three with back-off: the request waits on it.
-        task.apply_async(args=args, retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2})
+        result = fn()
     except Exception as exc:
-        if outage is not None:
-            outage.failed("broker", exc)
+        outage.failed("broker", exc)
         raise
-    if outage is not None:
-        outage.ok()
+    outage.ok()
+    return result
+
+
+def task_enqueue(task, *, args: list) -> None:
+    """Send `task` to the broker (broker_call): the one door for enqueues from the request path.
+    Callers log a failure and rely on the beat's backstops to enqueue again
+    (agents.runs.runs_requeue_lost, the alert scan)."""
+    # One quick retry, not kombu's default of three with back-off: the request waits on it.
+    broker_call(lambda: task.apply_async(args=args, retry_policy={"max_retries": 1, "interval_start": 0,
+                                                                   "interval_step": 0.2}))

@@ -81,25 +81,17 @@ async def _check_channel_layer() -> str:
 
 
 def _check_broker() -> str:
-    from .cache import redis_outage
-    from .celery import app
+    from .celery import app, broker_call
 
     if settings.CELERY_TASK_ALWAYS_EAGER:
         return "eager (tasks run in the web process)"
-    url = str(app.conf.broker_url or "")
-    outage = redis_outage(url) if url.startswith(("redis://", "rediss://", "unix://")) else None
-    if outage is not None and outage.is_down():
-        raise ConnectionError(f"Redis {outage.status()['detail']}")
-    try:
+
+    def connect() -> str:
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=CHECK_TIMEOUT)
-    except Exception as exc:
-        if outage is not None:
-            outage.failed("broker", exc)
-        raise
-    if outage is not None:
-        outage.ok()
-    return conn.transport_cls if isinstance(conn.transport_cls, str) else "connected"
+        return conn.transport_cls if isinstance(conn.transport_cls, str) else "connected"
+
+    return broker_call(connect)
 
 
 async def _run(name: str, check) -> tuple[str, dict]:
