@@ -98,6 +98,17 @@ def _fresh_cache():
 # --- the fake upstream --------------------------------------------------------------------
 
 
+@pytest.fixture
+def eager_celery():
+    """Run tasks in-process, as the embedded default does, on the Redis lane too."""
+    from agentplatform.celery import app as celery_app
+
+    before = celery_app.conf.task_always_eager
+    celery_app.conf.task_always_eager = True
+    yield
+    celery_app.conf.task_always_eager = before
+
+
 @pytest.fixture(scope="session")
 def fake_upstream():
     with FakeOpenAIServer() as server:

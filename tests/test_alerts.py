@@ -32,20 +32,11 @@ from billing.tasks import budget_period_rollover_task, check_budget_alerts_task,
 from conftest import Api, assert_error, orm
 from governance.models import AuditLog
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("frozen_clock")]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("frozen_clock", "eager_celery")]
 
 CHAT = "/api/v1/agents/{}/chat"
 MODEL = "openai/gpt-4o-mini"
 SECRET = "whsec-test-0123456789"
-
-
-@pytest.fixture(autouse=True)
-def eager_celery():
-    """Run tasks in-process, as the embedded default does, on the Redis lane too."""
-    before = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = before
 
 
 # --- a real webhook receiver ---------------------------------------------------------------

@@ -39,21 +39,12 @@ from governance.models import ApiKey, AuditLog
 from governance.services import api_key_revoke
 from test_alerts import Hook, wait_until
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("eager_celery")]
 
 RUNS = "/api/v1/agents/{}/runs"
 MODEL = "openai/async-model"
 SECRET = "whsec-runs-0123456789"
 FINAL = ("succeeded", "failed", "cancelled", "interrupted")
-
-
-@pytest.fixture(autouse=True)
-def eager_celery():
-    """Run tasks in-process, as the embedded default does, on the Redis lane too."""
-    before = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = before
 
 
 @pytest.fixture

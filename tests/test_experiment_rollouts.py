@@ -19,7 +19,6 @@ import time_machine
 from django.core import mail
 from django.utils import timezone
 
-from agentplatform.celery import app as celery_app
 from agents.models import Run
 from billing.budgets import budget_create
 from billing.models import AlertDelivery, BudgetSpend, ModelPrice, UsageRecord
@@ -30,19 +29,11 @@ from governance.models import AuditLog
 from governance.services import split_key
 from test_alerts import Hook, wait_until
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("eager_celery")]
 
 EXPERIMENTS = "/api/v1/admin/experiments"
 CHAT = "/api/v1/agents/{}/chat"
 SECRET = "whsec-canary-0123456789"
-
-
-@pytest.fixture(autouse=True)
-def eager_celery():
-    before = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = before
 
 
 @pytest.fixture(autouse=True)

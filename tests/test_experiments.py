@@ -13,7 +13,6 @@ from channels.testing import WebsocketCommunicator
 from django.core.cache import cache
 
 from agents.models import Run
-from agentplatform.celery import app as celery_app
 from billing.models import UsageRecord
 from conftest import Api, assert_error, orm, parse_sse
 from experiments import stats
@@ -22,18 +21,10 @@ from experiments.models import Experiment
 from experiments.selectors import experiment_cache_key
 from governance.models import AuditLog
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("eager_celery")]
 
 EXPERIMENTS = "/api/v1/admin/experiments"
 CHAT = "/api/v1/agents/{}/chat"
-
-
-@pytest.fixture(autouse=True)
-def eager_celery():
-    before = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = before
 
 
 @pytest.fixture
